@@ -1,0 +1,1 @@
+"""Converters between RVC PyTorch files and rvclora-jax (the only place torch is used)."""

@@ -1,0 +1,232 @@
+"""RVC PyTorch ``state_dict`` ⇄ Flax NNX parameters (numpy in, numpy out).
+
+The key map is declarative: a Flax module path ``enc_p/encoder/attn_layers/0/conv_q``
+is the torch prefix ``enc_p.encoder.attn_layers.0.conv_q`` — the port keeps RVC's
+names. The only per-layer logic is a value hook chosen by layer type:
+
+=====================  ==========================  ===============================
+Flax layer             torch key(s)                hook
+=====================  ==========================  ===============================
+``Dense``              ``.weight [out,in]``        transpose → ``kernel [in,out]``
+``Conv1d``             ``.weight [out,in,K]``      → ``kernel [K,in,out]``
+                       (``[out,in,K,1]`` for the   (squeeze the trailing 1)
+                       Kx1 Conv2d of DiscriminatorP)
+``ConvTranspose1d``    ``.weight [in,out,K]``      → ``kernel [K,in,out]``
+``nnx.Embed``          ``.weight [n,d]``           → ``embedding``
+anything else          same name                   copied (LayerNorm gamma/beta, emb_rel_k/v)
+=====================  ==========================  ===============================
+
+Weight norm (``weight_g``/``weight_v``, or torch's newer
+``parametrizations.weight.original0/1``) is folded to the effective weight
+``g·v/‖v‖`` (norm over every axis but 0 — for ConvTranspose1d that is per *input*
+channel) before the hooks run. The reverse direction re-factors it for layers
+marked ``weight_norm=True``: ``v = w``, ``g = ‖w‖``.
+
+Loading is strict: missing keys, unexpected keys, wrong shapes and non-finite
+values are errors that name the key. This module does not import torch; loading a
+``.pth`` file lives in ``convert/pth.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense
+from rvclora_jax.lora import LORA_KEYS, flatten, path_str, unflatten
+
+LEGACY_G, LEGACY_V = "weight_g", "weight_v"
+NEW_G, NEW_V = "parametrizations.weight.original0", "parametrizations.weight.original1"
+
+
+class StateDictError(ValueError):
+    """A state dict does not fit the model; the message names the key(s)."""
+
+
+def weight_norm_style(sd: Mapping[str, Any]) -> str:
+    """``"legacy"`` (weight_g/v), ``"parametrizations"``, ``"mixed"`` or ``"none"``."""
+    legacy = any(k.endswith("." + LEGACY_G) for k in sd)
+    new = any(k.endswith("." + NEW_G) for k in sd)
+    return {(True, False): "legacy", (False, True): "parametrizations",
+            (True, True): "mixed", (False, False): "none"}[(legacy, new)]
+
+
+def fold_weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``g · v / ‖v‖`` with the norm over all axes except 0 (torch ``dim=0``), in fp64."""
+    v64 = np.asarray(v, np.float64)
+    norm = np.sqrt(np.sum(v64 * v64, axis=tuple(range(1, v64.ndim)), keepdims=True))
+    return (np.asarray(g, np.float64).reshape(norm.shape) * v64 / norm).astype(np.float32)
+
+
+def split_weight_norm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`fold_weight_norm` with ``v = w``: returns ``(g, v)``."""
+    w = np.asarray(w, np.float32)
+    w64 = w.astype(np.float64)
+    g = np.sqrt(np.sum(w64 * w64, axis=tuple(range(1, w.ndim)), keepdims=True)).astype(np.float32)
+    return g, w
+
+
+def fold_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") -> dict[str, np.ndarray]:
+    """Upcast to fp32 and fold both weight-norm key styles into plain ``.weight`` keys."""
+    out: dict[str, np.ndarray] = {}
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in sd.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "f":
+            a = a.astype(np.float32)
+        for gname, vname in ((LEGACY_G, LEGACY_V), (NEW_G, NEW_V)):
+            if k.endswith("." + gname) or k.endswith("." + vname):
+                prefix, leaf = (k[: -len(gname) - 1], "g") if k.endswith("." + gname) else (k[: -len(vname) - 1], "v")
+                pending.setdefault(prefix, {})[leaf] = (k, a)
+                break
+        else:
+            out[k] = a
+    for prefix, gv in pending.items():
+        if set(gv) != {"g", "v"}:
+            have = next(iter(gv.values()))[0]
+            raise StateDictError(f"{source}: weight-norm key {have} has no partner "
+                                 f"({'weight_v' if 'g' in gv else 'weight_g'} missing)")
+        (gk, g), (vk, v) = gv["g"], gv["v"]
+        if g.size != v.shape[0]:
+            raise StateDictError(f"{source}: {gk} has shape {tuple(g.shape)}, expected {v.shape[0]} "
+                                 f"entries to match {vk} {tuple(v.shape)}")
+        if prefix + ".weight" in out:
+            raise StateDictError(f"{source}: {prefix}.weight present together with weight-norm keys")
+        out[prefix + ".weight"] = fold_weight_norm(g, v)
+    return out
+
+
+def _torch_prefix(path: str) -> str:
+    return path.replace("/", ".")
+
+
+def _layer_hooks(model: nnx.Module):
+    """Yield (flax_param_path, torch_key, to_flax, to_torch, layer) for every layer param."""
+    for path, mod in nnx.iter_modules(model):
+        p = path_str(path)
+        t = _torch_prefix(p)
+        if isinstance(mod, Dense):
+            yield p + "/kernel", t + ".weight", lambda w: w.T, lambda k: k.T, mod
+        elif isinstance(mod, Conv1d):
+            if mod.torch_kx1:
+                yield (p + "/kernel", t + ".weight", lambda w: w[..., 0].transpose(2, 1, 0),
+                       lambda k: k.transpose(2, 1, 0)[..., None], mod)
+            else:
+                yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0), mod
+        elif isinstance(mod, ConvTranspose1d):
+            yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0), mod
+        elif isinstance(mod, nnx.Embed):
+            yield p + "/embedding", t + ".weight", lambda w: w, lambda k: k, mod
+
+
+def _base_params(model: nnx.Module) -> dict[str, Any]:
+    flat = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    return {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LORA_KEYS}
+
+
+def _fmt_keys(keys) -> str:
+    keys = sorted(keys)
+    s = ", ".join(keys[:6])
+    return s + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+
+def torch_to_flax(model: nnx.Module, sd: Mapping[str, Any], *, source: str = "state dict",
+                  allow_missing: tuple[str, ...] = (), ignore: tuple[str, ...] = ()) -> dict:
+    """Map an RVC state dict onto ``model``'s parameter tree (nested dict, fp32 numpy).
+
+    ``allow_missing``/``ignore`` are torch-key prefixes that may be absent from /
+    extra in ``sd`` (e.g. ``enc_q.`` for inference models). Anything else that does
+    not fit raises :class:`StateDictError` naming the key."""
+    folded = fold_state_dict(sd, source=source)
+    expected = _base_params(model)
+    out: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    plan = [(fp, tk, fn) for fp, tk, fn, _, _ in _layer_hooks(model)]
+    hooked = {fp for fp, _, _ in plan}
+    plan += [(fp, _torch_prefix(fp), lambda w: w) for fp in expected if fp not in hooked]
+    for fp, tk, fn in plan:
+        if fp not in expected:
+            continue
+        if tk not in folded:
+            if not any(tk.startswith(a) for a in allow_missing):
+                missing.append(tk)
+            continue
+        w = folded[tk]
+        used.add(tk)
+        want = tuple(expected[fp].shape)
+        try:
+            val = np.ascontiguousarray(fn(w))
+        except Exception:
+            val = None
+        if val is None or tuple(val.shape) != want:
+            raise StateDictError(f"{source}: {tk} has shape {tuple(w.shape)}, which does not fit the "
+                                 f"model parameter {fp} {want}")
+        if not np.all(np.isfinite(val)):
+            raise StateDictError(f"{source}: {tk} contains NaN or inf")
+        out[fp] = val
+    unexpected = [k for k in folded if k not in used and not any(k.startswith(i) for i in ignore)]
+    if missing or unexpected:
+        msg = [f"{source}: state dict does not match the model"]
+        if missing:
+            msg.append(f"missing keys: {_fmt_keys(missing)}")
+        if unexpected:
+            msg.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        raise StateDictError("; ".join(msg))
+    # Parameters whose keys were allowed to be missing keep the model's own values.
+    for fp, v in expected.items():
+        out.setdefault(fp, np.asarray(v))
+    return unflatten(out)
+
+
+def flax_to_torch(model: nnx.Module, params: Mapping | None = None, *,
+                  style: str = "legacy") -> dict[str, np.ndarray]:
+    """Inverse of :func:`torch_to_flax`: torch layouts, weight norm re-factored.
+
+    ``params`` defaults to the model's own (base) parameters; adapter leaves must have
+    been merged away first. ``style`` picks ``weight_g/weight_v`` ("legacy", what RVC
+    writes) or ``parametrizations.weight.original0/1``."""
+    flat = flatten(params) if params is not None else _base_params(model)
+    if any(p.rsplit("/", 1)[-1] in LORA_KEYS for p in flat):
+        raise ValueError("params contain adapter leaves; merge them first (rvclora_jax.lora.merge)")
+    gname, vname = {"legacy": (LEGACY_G, LEGACY_V), "parametrizations": (NEW_G, NEW_V)}[style]
+    out: dict[str, np.ndarray] = {}
+    done: set[str] = set()
+    for fp, tk, _, to_torch, mod in _layer_hooks(model):
+        if fp not in flat:
+            continue
+        w = np.asarray(to_torch(np.asarray(flat[fp], np.float32)))
+        prefix = tk[: -len(".weight")]
+        bias_fp = fp.rsplit("/", 1)[0] + "/bias"
+        if bias_fp in flat:
+            out[prefix + ".bias"] = np.asarray(flat[bias_fp], np.float32)
+            done.add(bias_fp)
+        if getattr(mod, "weight_norm", False):
+            g, v = split_weight_norm(w)
+            out[f"{prefix}.{gname}"], out[f"{prefix}.{vname}"] = g, v
+        else:
+            out[tk] = w
+        done.add(fp)
+    for fp, v in flat.items():
+        if fp not in done:
+            out[_torch_prefix(fp)] = np.asarray(v, np.float32)
+    return out
+
+
+def load_params(model: nnx.Module, params: Mapping) -> None:
+    """Write a nested param dict (from :func:`torch_to_flax`) into ``model`` in place."""
+    state = nnx.state(model, nnx.Param)
+    flat_state = flatten(state.to_pure_dict())
+    flat = flatten(params)
+    for p, v in flat.items():
+        if p not in flat_state:
+            raise KeyError(f"model has no parameter {p}")
+        if tuple(np.shape(v)) != tuple(np.shape(flat_state[p])):
+            raise ValueError(f"{p}: shape {np.shape(v)} != model {np.shape(flat_state[p])}")
+    import jax.numpy as jnp
+
+    merged = unflatten({p: jnp.asarray(flat.get(p, v)) for p, v in flat_state.items()})
+    nnx.replace_by_pure_dict(state, merged)
+    nnx.update(model, state)

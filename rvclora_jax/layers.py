@@ -1,0 +1,299 @@
+"""Linear layers with PyTorch semantics and an optional, exact low-rank adapter.
+
+These are the only parameterised linear maps the RVC port uses, so every one of them
+can carry a LoRA adapter. Layout is channels-last (``[batch, time, channels]``), the
+JAX convention; kernels are stored in the layouts below, which are what the
+converters in ``convert/`` produce from torch weights:
+
+=====================  ==========================  ==============================
+layer                  kernel                      torch weight it comes from
+=====================  ==========================  ==============================
+``Dense``              ``[in, out]``               ``Linear.weight.T``
+``Conv1d``             ``[K, in/groups, out]``     ``Conv1d.weight.transpose(2,1,0)``
+``ConvTranspose1d``    ``[K, in, out]``            ``ConvTranspose1d.weight.transpose(2,0,1)``
+=====================  ==========================  ==============================
+
+Output lengths, padding, stride and dilation follow ``torch.nn.functional`` exactly
+(``conv1d`` / ``conv_transpose1d``), because RVC's length bookkeeping depends on them.
+
+Adapters
+--------
+``add_lora`` attaches two :class:`LoRAParam` variables, ``lora_a`` and ``lora_b``, to
+the layer itself, so the base parameter paths (``.../kernel``, ``.../bias``) are the
+same with or without an adapter. Each factorisation is exact in the kernel's own
+layout (``s`` = alpha/r, or alpha/sqrt(r) with rsLoRA):
+
+* Dense:            ``a [in, r]``,      ``b [r, out]``      ΔW[i,o]   = s·Σ_r a[i,r]·b[r,o]
+* Conv1d:           ``a [K, in, r]``    (a conv with the base stride/padding/dilation),
+                    ``b [r, out]``      (pointwise)          ΔW[k,i,o] = s·Σ_r a[k,i,r]·b[r,o]
+* ConvTranspose1d:  ``a [in, r]``       (pointwise, applied first),
+                    ``b [K, r, out]``   (a transposed conv with the base stride/padding)
+                                                             ΔW[k,i,o] = s·Σ_r a[i,r]·b[k,r,o]
+
+The transposed-conv factorisation puts the spatial factor on the *output* side. That
+is exact (a transposed conv is linear in its input channels, so a 1×1 map can be
+moved inside it) and costs ``r·(in + K·out)`` parameters instead of ``r·(K·in + out)``
+— about half for RVC's ``dec.ups.0`` (512→256, K=16). ``b`` starts at zero, so a fresh
+adapter leaves the layer's output bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+# Adapter weights get their own variable type so `nnx.state(model, LoRAParam)` is the
+# whole trainable subtree. We reuse flax's class: it subclasses nnx.Param, so filters
+# must list LoRAParam *before* nnx.Param (the first matching filter wins).
+LoRAParam = nnx.LoRAParam
+
+Padding = int | tuple[int, int] | Literal["same", "valid"]
+_DN = ("NWC", "WIO", "NWC")
+# Merge arithmetic is done at full precision: on GPU/TPU the default f32 matmul may
+# use TF32/bf16 passes, which would make "merged == unmerged" only approximately true.
+_EXACT = lax.Precision.HIGHEST
+
+
+def _uniform(key: jax.Array, shape: Sequence[int], bound: float, dtype) -> jax.Array:
+    return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+
+def delta_kernel(a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
+    """ΔW of an adapter, in the base kernel's own layout (see module docstring).
+
+    The layer kind is read from the factor ranks, so this works on bare arrays (e.g.
+    inside a pure merge over a parameter tree)."""
+    if a.ndim == 2 and b.ndim == 2:  # Dense
+        d = jnp.einsum("ir,ro->io", a, b, precision=_EXACT)
+    elif a.ndim == 3 and b.ndim == 2:  # Conv1d
+        d = jnp.einsum("kir,ro->kio", a, b, precision=_EXACT)
+    elif a.ndim == 2 and b.ndim == 3:  # ConvTranspose1d
+        d = jnp.einsum("ir,kro->kio", a, b, precision=_EXACT)
+    else:
+        raise ValueError(f"not a LoRA factor pair: a{tuple(a.shape)}, b{tuple(b.shape)}")
+    return d * jnp.asarray(scaling, d.dtype)
+
+
+def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+class _Adaptable(nnx.Module):
+    """Shared adapter plumbing. Subclasses define the factor shapes and the branch."""
+
+    lora_a: nnx.LoRAParam | None
+    lora_b: nnx.LoRAParam | None
+
+    def _init_adapter_slots(self) -> None:
+        # nnx.data: these slots hold Variables/Modules once an adapter is attached.
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_dropout = nnx.data(None)
+        self.lora_scaling = 0.0  # static python float, part of the graph definition
+        self.lora_rank = 0
+        self.lora_alpha = 0.0
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_a is not None
+
+    # (a_shape, b_shape, fan_in of a) for rank r
+    def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        raise NotImplementedError
+
+    def _lora_branch(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def add_lora(
+        self,
+        rank: int,
+        alpha: float,
+        *,
+        rngs: nnx.Rngs,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: Literal["kaiming", "gaussian"] = "kaiming",
+    ) -> None:
+        """Attach a fresh adapter. ``b`` is zero, so the output does not change."""
+        if self.has_lora:
+            raise ValueError(f"{type(self).__name__} already has an adapter")
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        a_shape, b_shape, fan_in = self._lora_shapes(rank)
+        key = rngs.params()
+        pdt = self.kernel[...].dtype
+        if init == "kaiming":
+            # PEFT's default: kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in)).
+            a = _uniform(key, a_shape, 1.0 / math.sqrt(fan_in), pdt)
+        elif init == "gaussian":
+            a = jax.random.normal(key, a_shape, pdt) / rank
+        else:
+            raise ValueError(f"unknown LoRA init {init!r} (expected 'kaiming' or 'gaussian')")
+        self.lora_a = LoRAParam(a)
+        self.lora_b = LoRAParam(jnp.zeros(b_shape, pdt))
+        self.lora_rank = rank
+        self.lora_alpha = float(alpha)
+        self.lora_scaling = lora_scaling(rank, alpha, use_rslora)
+        if dropout > 0.0:
+            # Starts in eval mode; `model.train()` switches it on.
+            self.lora_dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
+
+    def remove_lora(self) -> None:
+        self._init_adapter_slots()
+
+    def delta_kernel(self) -> jax.Array:
+        if not self.has_lora:
+            return jnp.zeros_like(self.kernel[...])
+        return delta_kernel(self.lora_a[...], self.lora_b[...], self.lora_scaling)
+
+    def _adapter_input(self, x: jax.Array) -> jax.Array:
+        return self.lora_dropout(x) if self.lora_dropout is not None else x
+
+
+class Dense(_Adaptable):
+    """``torch.nn.Linear``: ``y = x @ kernel + bias`` on the last axis."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_norm = False
+        kk, bk = jax.random.split(rngs.params())
+        bound = 1.0 / math.sqrt(in_features)  # torch's default init
+        self.kernel = nnx.Param(_uniform(kk, (in_features, out_features), bound, param_dtype))
+        self.bias = nnx.Param(_uniform(bk, (out_features,), bound, param_dtype)) if use_bias else nnx.data(None)
+        self._init_adapter_slots()
+
+    def _lora_shapes(self, rank):
+        return (self.in_features, rank), (rank, self.out_features), self.in_features
+
+    def _lora_branch(self, x):
+        h = self._adapter_input(x) @ self.lora_a[...]
+        return (h @ self.lora_b[...]) * self.lora_scaling
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.has_lora:
+            y = y + self._lora_branch(x)
+        return y
+
+
+def _conv_padding(padding: Padding, kernel_size: int, stride: int, dilation: int) -> tuple[int, int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0)
+        if padding == "same":
+            if stride != 1:
+                raise ValueError("padding='same' needs stride 1 (as in torch)")
+            total = dilation * (kernel_size - 1)
+            return (total // 2, total - total // 2)  # torch puts the odd sample on the right
+        raise ValueError(f"unknown padding {padding!r}")
+    if isinstance(padding, int):
+        return (padding, padding)
+    left, right = padding
+    return (int(left), int(right))
+
+
+class Conv1d(_Adaptable):
+    """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: Padding = 0, dilation: int = 1, groups: int = 1,
+                 use_bias: bool = True, weight_norm: bool = False, torch_kx1: bool = False,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
+        # Metadata for the converters only: the torch layer is weight-normed, and/or is a
+        # Conv2d with a (K, 1) kernel (RVC's DiscriminatorP) that we run as a Conv1d.
+        self.weight_norm, self.torch_kx1 = weight_norm, torch_kx1
+        self.padding = _conv_padding(padding, kernel_size, stride, dilation)
+        fan_in = in_channels // groups * kernel_size
+        kk, bk = jax.random.split(rngs.params())
+        bound = 1.0 / math.sqrt(fan_in)
+        self.kernel = nnx.Param(_uniform(kk, (kernel_size, in_channels // groups, out_channels), bound, param_dtype))
+        self.bias = nnx.Param(_uniform(bk, (out_channels,), bound, param_dtype)) if use_bias else nnx.data(None)
+        self._init_adapter_slots()
+
+    def _conv(self, x, kernel, groups=1):
+        return lax.conv_general_dilated(
+            x, kernel, window_strides=(self.stride,), padding=[self.padding],
+            rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=groups)
+
+    def _lora_shapes(self, rank):
+        if self.groups != 1:
+            raise ValueError("LoRA on grouped convolutions (groups > 1) is not supported")
+        k = self.kernel_size
+        return (k, self.in_channels, rank), (rank, self.out_channels), k * self.in_channels
+
+    def _lora_branch(self, x):
+        h = self._conv(self._adapter_input(x), self.lora_a[...])
+        return (h @ self.lora_b[...]) * self.lora_scaling
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self._conv(x, self.kernel[...], self.groups)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.has_lora:
+            y = y + self._lora_branch(x)
+        return y
+
+
+class ConvTranspose1d(_Adaptable):
+    """``torch.nn.ConvTranspose1d`` on ``[B, T, C]`` inputs.
+
+    Output length ``(L-1)·stride - 2·padding + dilation·(K-1) + output_padding + 1``.
+    Implemented as a stride-1 convolution of the stride-dilated input with the
+    spatially flipped kernel, which is exactly torch's definition."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 stride: int = 1, padding: int = 0, output_padding: int = 0, dilation: int = 1,
+                 use_bias: bool = True, weight_norm: bool = False, rngs: nnx.Rngs,
+                 param_dtype=jnp.float32):
+        span = dilation * (kernel_size - 1)
+        if padding > span:
+            raise ValueError(f"padding {padding} > dilation*(kernel_size-1) = {span} is not supported")
+        if output_padding >= max(stride, dilation):
+            raise ValueError("output_padding must be smaller than stride or dilation (as in torch)")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.output_padding, self.dilation = output_padding, dilation
+        self.weight_norm = weight_norm  # converter metadata (torch weight_g is per *input* channel)
+        # torch computes fan_in of a ConvTranspose weight [in, out, K] as out*K.
+        bound = 1.0 / math.sqrt(out_channels * kernel_size)
+        kk, bk = jax.random.split(rngs.params())
+        self.kernel = nnx.Param(_uniform(kk, (kernel_size, in_channels, out_channels), bound, param_dtype))
+        self.bias = nnx.Param(_uniform(bk, (out_channels,), bound, param_dtype)) if use_bias else nnx.data(None)
+        self._init_adapter_slots()
+
+    def _conv_t(self, x, kernel):
+        span = self.dilation * (self.kernel_size - 1)
+        pad = (span - self.padding, span - self.padding + self.output_padding)
+        return lax.conv_general_dilated(
+            x, jnp.flip(kernel, 0), window_strides=(1,), padding=[pad],
+            lhs_dilation=(self.stride,), rhs_dilation=(self.dilation,), dimension_numbers=_DN)
+
+    def _lora_shapes(self, rank):
+        return (self.in_channels, rank), (self.kernel_size, rank, self.out_channels), self.in_channels
+
+    def _lora_branch(self, x):
+        h = self._adapter_input(x) @ self.lora_a[...]
+        return self._conv_t(h, self.lora_b[...]) * self.lora_scaling
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self._conv_t(x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if self.has_lora:
+            y = y + self._lora_branch(x)
+        return y
+
+
+ADAPTABLE_LAYERS = (Dense, Conv1d, ConvTranspose1d)
