@@ -1,0 +1,132 @@
+"""RVC decoders: the NSF-HiFi-GAN ``GeneratorNSF`` (f0 models) and plain ``Generator``.
+
+One class covers both: ``nsf=True`` adds the harmonic source (``m_source``) and the
+``noise_convs`` that inject it after every upsampler, exactly as RVC's two classes
+differ. Inputs are ``z [B, T, C]`` (frames), ``f0 [B, T]`` in Hz and the speaker
+condition ``g [B, 1, gin]``; the output is ``[B, T·upp, 1]`` audio in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from ..layers import Conv1d, ConvTranspose1d, Dense
+from .commons import LRELU_SLOPE, leaky_relu
+from .modules import ResBlock1, ResBlock2
+
+
+def sine_source(f0: jax.Array, upp: int, sr: int, noise: jax.Array, *, harmonic_num: int = 0,
+                sine_amp: float = 0.1, noise_std: float = 0.003, voiced_threshold: float = 0.0,
+                ) -> jax.Array:
+    """RVC ``SineGen``: frame-level f0 ``[B, T]`` → sample-level ``[B, T·upp, harmonic_num+1]``.
+
+    The phase (in cycles) of sample ``n = t·upp + k`` is
+    ``Σ_{t'<t} upp·f[t'] + (k+1)·f[t]`` with ``f = (h·f0/sr) mod 1`` for harmonic ``h``
+    — the closed form of RVC's cumsum-with-wrap-correction (which only subtracts
+    integers). The frame offsets are accumulated modulo 1 with an associative scan, so
+    the phase stays in [0, 2) and float32 keeps ~1e-7 cycle accuracy on long inputs.
+    ``noise`` is the standard-normal draw (``randn_like`` in RVC), same shape as the output.
+    The initial random phase of RVC (``rand_ini``) is zero for the fundamental, and RVC
+    models only have the fundamental (``harmonic_num=0``).
+    """
+    f0 = jax.lax.stop_gradient(jnp.asarray(f0, jnp.float32))
+    b, t = f0.shape
+    harmonics = jnp.arange(1, harmonic_num + 2, dtype=jnp.float32)
+    rad = (f0[..., None] * harmonics / sr) % 1.0  # [B, T, H] cycles per sample
+    inc = (rad * upp) % 1.0  # whole-frame phase advance, mod 1
+    offset = lax.associative_scan(lambda a, c: (a + c) % 1.0, inc, axis=1)
+    offset = jnp.concatenate([jnp.zeros_like(offset[:, :1]), offset[:, :-1]], axis=1)  # exclusive
+    k = jnp.arange(1, upp + 1, dtype=jnp.float32)[None, None, :, None]
+    phase = offset[:, :, None, :] + k * rad[:, :, None, :]  # [B, T, upp, H]
+    sine = sine_amp * jnp.sin(2.0 * jnp.pi * phase).reshape(b, t * upp, -1)
+    uv = jnp.repeat((f0 > voiced_threshold).astype(jnp.float32), upp, axis=1)[..., None]
+    noise_amp = uv * noise_std + (1.0 - uv) * sine_amp / 3.0
+    return jax.lax.stop_gradient(sine * uv + noise_amp * noise)
+
+
+class SourceModuleHnNSF(nnx.Module):
+    """Harmonic-plus-noise source: ``tanh(l_linear(SineGen(f0)))`` → ``[B, T·upp, 1]``."""
+
+    def __init__(self, sampling_rate: int, harmonic_num: int = 0, sine_amp: float = 0.1,
+                 add_noise_std: float = 0.003, voiced_threshold: float = 0.0, *, rngs: nnx.Rngs):
+        self.sampling_rate, self.harmonic_num = int(sampling_rate), harmonic_num
+        self.sine_amp, self.noise_std, self.voiced_threshold = sine_amp, add_noise_std, voiced_threshold
+        self.l_linear = Dense(harmonic_num + 1, 1, rngs=rngs)
+
+    def __call__(self, f0: jax.Array, upp: int, noise: jax.Array) -> jax.Array:
+        sines = sine_source(f0, upp, self.sampling_rate, noise, harmonic_num=self.harmonic_num,
+                            sine_amp=self.sine_amp, noise_std=self.noise_std,
+                            voiced_threshold=self.voiced_threshold)
+        return jnp.tanh(self.l_linear(sines.astype(self.l_linear.kernel[...].dtype)))
+
+
+class Generator(nnx.Module):
+    """HiFi-GAN decoder with RVC's layer names; ``nsf=True`` makes it ``GeneratorNSF``."""
+
+    def __init__(self, initial_channel: int, resblock: str, resblock_kernel_sizes: Sequence[int],
+                 resblock_dilation_sizes: Sequence[Sequence[int]], upsample_rates: Sequence[int],
+                 upsample_initial_channel: int, upsample_kernel_sizes: Sequence[int],
+                 gin_channels: int = 0, *, nsf: bool = False, sr: int | None = None, rngs: nnx.Rngs):
+        self.num_kernels = len(resblock_kernel_sizes)
+        self.num_upsamples = len(upsample_rates)
+        self.upp = math.prod(upsample_rates)
+        self.nsf = nsf
+        c0 = upsample_initial_channel
+        self.conv_pre = Conv1d(initial_channel, c0, 7, padding=3, rngs=rngs)
+        self.ups = nnx.List([
+            ConvTranspose1d(c0 // 2 ** i, c0 // 2 ** (i + 1), k, stride=u, padding=(k - u) // 2,
+                            weight_norm=True, rngs=rngs)
+            for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes))])
+        block = ResBlock1 if str(resblock) == "1" else ResBlock2
+        self.resblocks = nnx.List([
+            block(c0 // 2 ** (i + 1), k, tuple(d), rngs=rngs)
+            for i in range(self.num_upsamples)
+            for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes)])
+        ch = c0 // 2 ** self.num_upsamples
+        self.conv_post = Conv1d(ch, 1, 7, padding=3, use_bias=False, rngs=rngs)
+        self.cond = Conv1d(gin_channels, c0, 1, rngs=rngs) if gin_channels else nnx.data(None)
+        if nsf:
+            if sr is None:
+                raise ValueError("the NSF generator needs the sample rate")
+            self.m_source = SourceModuleHnNSF(sr, harmonic_num=0, rngs=rngs)
+            convs = []
+            for i in range(self.num_upsamples):
+                c = c0 // 2 ** (i + 1)
+                if i + 1 < self.num_upsamples:
+                    s = math.prod(upsample_rates[i + 1:])
+                    convs.append(Conv1d(1, c, 2 * s, stride=s, padding=s // 2, rngs=rngs))
+                else:
+                    convs.append(Conv1d(1, c, 1, rngs=rngs))
+            self.noise_convs = nnx.List(convs)
+        else:
+            self.m_source = nnx.data(None)
+            self.noise_convs = nnx.data(None)
+
+    def __call__(self, x: jax.Array, f0: jax.Array | None = None, g: jax.Array | None = None,
+                 *, source_noise: jax.Array | None = None) -> jax.Array:
+        if self.nsf:
+            if f0 is None:
+                raise ValueError("GeneratorNSF needs f0")
+            if source_noise is None:  # deterministic: no noise in the excitation
+                source_noise = jnp.zeros((x.shape[0], x.shape[1] * self.upp, 1), jnp.float32)
+            har = self.m_source(f0, self.upp, source_noise)  # [B, T*upp, 1]
+        x = self.conv_pre(x)
+        if g is not None:
+            x = x + self.cond(g)
+        for i in range(self.num_upsamples):
+            x = leaky_relu(x, LRELU_SLOPE)
+            x = self.ups[i](x)
+            if self.nsf:
+                x = x + self.noise_convs[i](har)
+            xs = self.resblocks[i * self.num_kernels](x)
+            for j in range(1, self.num_kernels):
+                xs = xs + self.resblocks[i * self.num_kernels + j](x)
+            x = xs / self.num_kernels
+        x = leaky_relu(x, 0.01)  # torch's default slope here, not 0.1
+        return jnp.tanh(self.conv_post(x))

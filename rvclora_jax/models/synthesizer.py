@@ -1,0 +1,250 @@
+"""The RVC synthesizer (``SynthesizerTrnMs{256,768}NSFsid[_nono]``) and its configs.
+
+One :class:`Synthesizer` class covers RVC's four: ``version`` picks the content-feature
+width of ``enc_p`` (v1: 256, v2: 768) and ``f0`` picks the NSF decoder with a pitch
+embedding, or the plain decoder without. Parameter paths equal RVC's state_dict keys.
+
+Randomness is explicit: the training forward takes the posterior noise ``eps_q``, the
+slice starts ``ids_slice`` and the NSF ``source_noise``; ``infer`` takes the prior noise
+``eps`` (scaled by ``noise_scale``, RVC's literal 0.66666 by default) and
+``source_noise``. Missing noise arrays mean zeros, i.e. deterministic rendering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..layers import Conv1d
+from .commons import sequence_mask
+from .generator import Generator
+from .modules import WN, Flip, ResidualCouplingLayer
+from .text_encoder import TextEncoder
+
+SAMPLE_RATES = {"32k": 32000, "40k": 40000, "48k": 48000}
+INFER_NOISE_SCALE = 0.66666  # RVC's literal, not 2/3
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+    """The 18 constructor arguments RVC stores as ``config`` in inference models (§1.2)."""
+
+    spec_channels: int = 1025
+    segment_size: int = 32
+    inter_channels: int = 192
+    hidden_channels: int = 192
+    filter_channels: int = 768
+    n_heads: int = 2
+    n_layers: int = 6
+    kernel_size: int = 3
+    p_dropout: float = 0.0
+    resblock: str = "1"
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    upsample_rates: tuple[int, ...] = (10, 10, 2, 2)
+    upsample_initial_channel: int = 512
+    upsample_kernel_sizes: tuple[int, ...] = (16, 16, 4, 4)
+    spk_embed_dim: int = 109
+    gin_channels: int = 256
+    sr: int = 40000
+
+    FIELDS = ("spec_channels", "segment_size", "inter_channels", "hidden_channels", "filter_channels",
+              "n_heads", "n_layers", "kernel_size", "p_dropout", "resblock", "resblock_kernel_sizes",
+              "resblock_dilation_sizes", "upsample_rates", "upsample_initial_channel",
+              "upsample_kernel_sizes", "spk_embed_dim", "gin_channels", "sr")
+
+    @property
+    def hop_length(self) -> int:
+        n = 1
+        for u in self.upsample_rates:
+            n *= u
+        return n
+
+    @classmethod
+    def from_list(cls, config: Sequence[Any]) -> "SynthConfig":
+        """From RVC's 18-element list (``sr`` may be an int or ``"40k"``)."""
+        if len(config) != 18:
+            raise ValueError(f"RVC config list must have 18 entries, got {len(config)}")
+        vals = dict(zip(cls.FIELDS, config))
+        vals["sr"] = parse_sr(vals["sr"])
+        vals["resblock"] = str(vals["resblock"])
+        vals["p_dropout"] = float(vals["p_dropout"])
+        for k in ("resblock_kernel_sizes", "upsample_rates", "upsample_kernel_sizes"):
+            vals[k] = tuple(int(v) for v in vals[k])
+        vals["resblock_dilation_sizes"] = tuple(tuple(int(x) for x in d) for d in vals["resblock_dilation_sizes"])
+        return cls(**vals)
+
+    def to_list(self) -> list:
+        out = []
+        for f in self.FIELDS:
+            v = getattr(self, f)
+            if f == "resblock_dilation_sizes":
+                v = [list(d) for d in v]
+            elif isinstance(v, tuple):
+                v = list(v)
+            out.append(v)
+        return out
+
+    def replace(self, **kw) -> "SynthConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def parse_sr(sr: Any) -> int:
+    """``"40k"``, ``40000`` and ``"40000"`` all mean 40 kHz (RVC and Applio spellings)."""
+    if isinstance(sr, str):
+        if sr in SAMPLE_RATES:
+            return SAMPLE_RATES[sr]
+        if sr.isdigit():
+            return int(sr)
+        raise ValueError(f"unknown sample rate {sr!r}")
+    return int(sr)
+
+
+# Per-rate presets from RVC's configs/v{1,2}/*.json. There is no v2/40k.json: RVC uses
+# the v1 40k generator for v2 too. Training segment sizes are in samples.
+_PRESETS = {
+    ("v1", 32000): dict(spec_channels=513, upsample_rates=(10, 4, 2, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4, 4)),
+    ("v1", 40000): dict(spec_channels=1025, upsample_rates=(10, 10, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4)),
+    ("v1", 48000): dict(spec_channels=1025, upsample_rates=(10, 6, 2, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4, 4)),
+    ("v2", 32000): dict(spec_channels=513, upsample_rates=(10, 8, 2, 2), upsample_kernel_sizes=(20, 16, 4, 4)),
+    ("v2", 40000): dict(spec_channels=1025, upsample_rates=(10, 10, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4)),
+    ("v2", 48000): dict(spec_channels=1025, upsample_rates=(12, 10, 2, 2), upsample_kernel_sizes=(24, 20, 4, 4)),
+}
+TRAIN_SEGMENT_SAMPLES = {("v1", 32000): 12800, ("v1", 40000): 12800, ("v1", 48000): 11520,
+                         ("v2", 32000): 12800, ("v2", 40000): 12800, ("v2", 48000): 17280}
+
+
+def preset(version: str, sr: Any) -> SynthConfig:
+    """The synthesizer config RVC uses for ``version`` ("v1"/"v2") at rate ``sr``."""
+    key = (version, parse_sr(sr))
+    if key not in _PRESETS:
+        raise ValueError(f"no RVC preset for version={version!r} sr={sr!r}; "
+                         f"have {sorted({f'{v} {s}' for v, s in _PRESETS})}")
+    return SynthConfig(sr=key[1], **_PRESETS[key])
+
+
+class PosteriorEncoder(nnx.Module):
+    """``enc_q``: linear spectrogram → posterior z (training only)."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int,
+                 dilation_rate: int, n_layers: int, gin_channels: int = 0, *, rngs: nnx.Rngs):
+        self.out_channels = out_channels
+        self.pre = Conv1d(in_channels, hidden_channels, 1, rngs=rngs)
+        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, rngs=rngs)
+        self.proj = Conv1d(hidden_channels, 2 * out_channels, 1, rngs=rngs)
+
+    def __call__(self, spec, lengths, g=None, *, eps=None):
+        x_mask = sequence_mask(lengths, spec.shape[1])[..., None].astype(spec.dtype)
+        x = self.pre(spec) * x_mask
+        x = self.enc(x, x_mask, g)
+        stats = self.proj(x) * x_mask
+        m, logs = stats[..., :self.out_channels], stats[..., self.out_channels:]
+        z = m if eps is None else m + eps * jnp.exp(logs)
+        return z * x_mask, m, logs, x_mask
+
+
+class ResidualCouplingBlock(nnx.Module):
+    """``flow``: [coupling, Flip] × n_flows; params live at even indices (0, 2, 4, 6)."""
+
+    def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int,
+                 n_layers: int, n_flows: int = 4, gin_channels: int = 0, *, rngs: nnx.Rngs):
+        flows = []
+        for _ in range(n_flows):
+            flows.append(ResidualCouplingLayer(channels, hidden_channels, kernel_size, dilation_rate,
+                                               n_layers, gin_channels=gin_channels, mean_only=True, rngs=rngs))
+            flows.append(Flip())
+        self.flows = nnx.List(flows)
+
+    def __call__(self, x, x_mask, g=None, reverse: bool = False):
+        for flow in (list(self.flows)[::-1] if reverse else self.flows):
+            x = flow(x, x_mask, g, reverse=reverse)
+        return x
+
+
+def slice_segments(x: jax.Array, starts: jax.Array, size: int) -> jax.Array:
+    """Per-row time slices ``x[b, starts[b]:starts[b]+size]`` of ``[B, T, ...]``."""
+    def one(row, s):
+        return jax.lax.dynamic_slice_in_dim(row, s, size, axis=0)
+    return jax.vmap(one)(x, jnp.asarray(starts, jnp.int32))
+
+
+class Synthesizer(nnx.Module):
+    """RVC's synthesizer. ``version`` "v1" (256-d features) or "v2" (768-d); ``f0`` on/off.
+
+    ============  =====================================
+    RVC class     here
+    ============  =====================================
+    ``SynthesizerTrnMs256NSFsid``        ``Synthesizer(cfg, "v1", f0=True)``
+    ``SynthesizerTrnMs768NSFsid``        ``Synthesizer(cfg, "v2", f0=True)``
+    ``SynthesizerTrnMs256NSFsid_nono``   ``Synthesizer(cfg, "v1", f0=False)``
+    ``SynthesizerTrnMs768NSFsid_nono``   ``Synthesizer(cfg, "v2", f0=False)``
+    ============  =====================================
+    """
+
+    def __init__(self, config: SynthConfig, version: str = "v2", f0: bool = True, *,
+                 rngs: nnx.Rngs, with_enc_q: bool = True):
+        if version not in ("v1", "v2"):
+            raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
+        c = config
+        self.config, self.version, self.f0 = c, version, bool(f0)
+        self.feature_dim = 256 if version == "v1" else 768
+        self.enc_p = TextEncoder(self.feature_dim, c.inter_channels, c.hidden_channels, c.filter_channels,
+                                 c.n_heads, c.n_layers, c.kernel_size, c.p_dropout, f0=self.f0, rngs=rngs)
+        self.dec = Generator(c.inter_channels, c.resblock, c.resblock_kernel_sizes, c.resblock_dilation_sizes,
+                             c.upsample_rates, c.upsample_initial_channel, c.upsample_kernel_sizes,
+                             gin_channels=c.gin_channels, nsf=self.f0, sr=c.sr, rngs=rngs)
+        # enc_q only serves training; RVC deletes it from inference models.
+        self.enc_q = (PosteriorEncoder(c.spec_channels, c.inter_channels, c.hidden_channels, 5, 1, 16,
+                                       gin_channels=c.gin_channels, rngs=rngs)
+                      if with_enc_q else nnx.data(None))
+        self.flow = ResidualCouplingBlock(c.inter_channels, c.hidden_channels, 5, 1, 3,
+                                          gin_channels=c.gin_channels, rngs=rngs)
+        self.emb_g = nnx.Embed(c.spk_embed_dim, c.gin_channels, rngs=rngs)
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    def speaker(self, sid: jax.Array) -> jax.Array:
+        return self.emb_g(jnp.asarray(sid, jnp.int32))[:, None, :]  # [B, 1, gin]
+
+    def __call__(self, phone, phone_lengths, pitch, pitchf, spec, spec_lengths, sid, *,
+                 ids_slice, segment_size: int | None = None, eps_q=None, source_noise=None):
+        """Training forward (RVC ``forward``). Returns
+        ``(o, ids_slice, x_mask, y_mask, (z, z_p, m_p, logs_p, m_q, logs_q))`` with
+        ``o [B, seg·hop, 1]``; ``segment_size`` is in frames (defaults to the config's)."""
+        if self.enc_q is None:
+            raise ValueError("this synthesizer was built without enc_q (inference only)")
+        seg = segment_size or self.config.segment_size
+        g = self.speaker(sid)
+        m_p, logs_p, x_mask = self.enc_p(phone, pitch if self.f0 else None, phone_lengths)
+        z, m_q, logs_q, y_mask = self.enc_q(spec, spec_lengths, g, eps=eps_q)
+        z_p = self.flow(z, y_mask, g)
+        z_slice = slice_segments(z, ids_slice, seg)
+        f0_slice = slice_segments(pitchf, ids_slice, seg) if self.f0 else None
+        o = self.dec(z_slice, f0_slice, g, source_noise=source_noise)
+        return o, ids_slice, x_mask, y_mask, (z, z_p, m_p, logs_p, m_q, logs_q)
+
+    def infer(self, phone, phone_lengths, pitch=None, nsff0=None, sid=None, *, eps=None,
+              noise_scale: float = INFER_NOISE_SCALE, source_noise=None):
+        """RVC ``infer``: returns ``(o [B, T·hop, 1], x_mask, (z, z_p, m_p, logs_p))``."""
+        if sid is None:
+            sid = jnp.zeros((phone.shape[0],), jnp.int32)
+        g = self.speaker(sid)
+        m_p, logs_p, x_mask = self.enc_p(phone, pitch if self.f0 else None, phone_lengths)
+        z_p = m_p if eps is None else m_p + jnp.exp(logs_p) * eps * noise_scale
+        z_p = z_p * x_mask
+        z = self.flow(z_p, x_mask, g, reverse=True)
+        o = self.dec(z * x_mask, nsff0 if self.f0 else None, g, source_noise=source_noise)
+        return o, x_mask, (z, z_p, m_p, logs_p)
+
+
+def build(config: SynthConfig | Sequence[Any], version: str = "v2", f0: bool = True, *,
+          seed: int = 0, with_enc_q: bool = True) -> Synthesizer:
+    if not isinstance(config, SynthConfig):
+        config = SynthConfig.from_list(config)
+    return Synthesizer(config, version, f0, rngs=nnx.Rngs(seed), with_enc_q=with_enc_q)
