@@ -36,6 +36,7 @@ from flax import nnx
 
 from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense
 from rvclora_jax.lora import LORA_KEYS, flatten, path_str, unflatten
+from rvclora_jax.params import load_params  # noqa: F401  (re-exported for callers)
 
 LEGACY_G, LEGACY_V = "weight_g", "weight_v"
 NEW_G, NEW_V = "parametrizations.weight.original0", "parametrizations.weight.original1"
@@ -213,20 +214,3 @@ def flax_to_torch(model: nnx.Module, params: Mapping | None = None, *,
         if fp not in done:
             out[_torch_prefix(fp)] = np.asarray(v, np.float32)
     return out
-
-
-def load_params(model: nnx.Module, params: Mapping) -> None:
-    """Write a nested param dict (from :func:`torch_to_flax`) into ``model`` in place."""
-    state = nnx.state(model, nnx.Param)
-    flat_state = flatten(state.to_pure_dict())
-    flat = flatten(params)
-    for p, v in flat.items():
-        if p not in flat_state:
-            raise KeyError(f"model has no parameter {p}")
-        if tuple(np.shape(v)) != tuple(np.shape(flat_state[p])):
-            raise ValueError(f"{p}: shape {np.shape(v)} != model {np.shape(flat_state[p])}")
-    import jax.numpy as jnp
-
-    merged = unflatten({p: jnp.asarray(flat.get(p, v)) for p, v in flat_state.items()})
-    nnx.replace_by_pure_dict(state, merged)
-    nnx.update(model, state)
