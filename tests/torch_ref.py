@@ -22,7 +22,8 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    # copy: .numpy() shares memory, and a later load_state_dict would change these arrays
+    return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
 def load_torch_into(jax_model, torch_module: torch.nn.Module, **kw):
