@@ -216,21 +216,33 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
     """Attach adapters to every layer ``config`` matches. Returns the adapted paths.
 
     Mutates ``model`` in place (NNX modules are mutable objects); base parameters are
-    untouched. Raises if the config matches no adaptable layer."""
+    untouched. Raises if the config matches no adaptable layer; on any error the
+    adapters added by this call are removed again (no half-injected model)."""
     done = []
-    for path, layer in iter_lora_layers(model):
-        if not config.matches(path):
-            continue
-        if layer.has_lora:
-            raise ValueError(f"{path} already has an adapter")
-        layer.add_lora(config.rank_for(path), config.alpha_for(path), rngs=rngs,
-                       dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
-        done.append(path)
+    layers = list(iter_lora_layers(model))
+    try:
+        for path, layer in layers:
+            if not config.matches(path):
+                continue
+            if layer.has_lora:
+                raise ValueError(f"{path} already has an adapter")
+            layer.add_lora(config.rank_for(path), config.alpha_for(path), rngs=rngs,
+                           dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
+            done.append(path)
+    except BaseException:
+        _remove_adapters(model, done)
+        raise
     if not done:
         avail = [p for p, _ in iter_lora_layers(model)]
         raise ValueError(f"LoRA targets {list(config.targets)} match none of the model's "
                          f"{len(avail)} adaptable layers (e.g. {avail[:3]})")
     return done
+
+
+def _remove_adapters(model: nnx.Module, paths: Iterable[str]) -> None:
+    layers = dict(iter_lora_layers(model))
+    for p in paths:
+        layers[p].remove_lora()
 
 
 def adapter_state(model: nnx.Module) -> nnx.State:
@@ -467,7 +479,8 @@ def save_adapter(directory: str, adapter: Mapping, config: LoRAConfig, *,
     wpath = os.path.join(directory, ADAPTER_WEIGHTS)
     cpath = os.path.join(directory, ADAPTER_CONFIG)
     _atomic_write(wpath, lambda t: save_file(tensors, t, metadata={"format": ADAPTER_FORMAT}))
-    _atomic_write(cpath, lambda t: open(t, "w").write(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+    # No sort_keys: rank_pattern / alpha_pattern are first-match-wins, so key order matters.
+    _atomic_write(cpath, lambda t: open(t, "w").write(json.dumps(cfg, indent=2) + "\n"))
     return directory
 
 
@@ -546,6 +559,15 @@ def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None 
     if check_base:
         check_fingerprint(adapter, partition(nnx.state(model, nnx.Param).to_pure_dict())[1])
     paths = inject(model, adapter.config, rngs=rngs or nnx.Rngs(0))
+    try:
+        _fill_adapter(model, adapter, paths)
+    except BaseException:
+        _remove_adapters(model, paths)  # leave the model as it was, not half-filled
+        raise
+    return paths
+
+
+def _fill_adapter(model: nnx.Module, adapter: Adapter, paths: list[str]) -> None:
     saved = adapter_layers(adapter.params)
     layers = dict(iter_lora_layers(model))
     unexpected = sorted(set(saved) - set(paths))
@@ -564,4 +586,3 @@ def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None 
                 raise ValueError(f"{adapter.directory}: {_dotted(path)}.{name} has shape {tuple(val.shape)}, "
                                  f"the model expects {tuple(var.shape)}")
             var[...] = jnp.asarray(val, var.dtype)
-    return paths
