@@ -123,7 +123,7 @@ def _layer_hooks(model: nnx.Module):
 
 
 def _base_params(model: nnx.Module) -> dict[str, Any]:
-    flat = flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     return {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LORA_KEYS}
 
 

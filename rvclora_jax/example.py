@@ -45,7 +45,7 @@ def run_example(out_dir: str, *, version: str = "v2", sr: int | str = 40000, pre
     cfg = S.preset(version, sr)
     log(f"building RVC {version} {cfg.sr // 1000}k synthesizer with f0 (random weights, real architecture)")
     model = S.Synthesizer(cfg, version, True, rngs=nnx.Rngs(seed), with_enc_q=False)
-    base = lora.partition(nnx.state(model, nnx.Param).to_pure_dict())[1]
+    base = lora.partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1]
     config = lora.LoRAConfig.from_preset(preset, rank=rank, alpha=alpha)
     lora.inject(model, config, rngs=nnx.Rngs(seed + 1))
     summary = lora.summarize(model)
@@ -66,7 +66,7 @@ def run_example(out_dir: str, *, version: str = "v2", sr: int | str = 40000, pre
     log(f"rendering {frames} frames ({frames * cfg.hop_length} samples) with the adapter (jit)...")
     adapted = np.asarray(_render(model, feats, lengths, pitch, f0, sid))
 
-    adapter = nnx.state(model, lora.LoRAParam).to_pure_dict()
+    adapter = nnx.to_pure_dict(nnx.state(model, lora.LoRAParam))
     scalings = {p: layer.lora_scaling for p, layer in lora.iter_lora_layers(model) if layer.has_lora}
     merged = lora.merge(base, adapter, scalings)
     plain = S.Synthesizer(cfg, version, True, rngs=nnx.Rngs(seed), with_enc_q=False)

@@ -22,7 +22,7 @@ Life cycle
    model; :func:`load_adapter` reads them back, and :func:`apply_adapter` injects
    and fills an adapter into a model, checking every key and shape.
 
-Parameter trees here are nested dicts as produced by ``nnx.State.to_pure_dict()``
+Parameter trees here are nested dicts as produced by ``nnx.to_pure_dict(state)``
 (list indices are ints). Paths are the keys joined with ``/``.
 """
 
@@ -257,7 +257,7 @@ def split(model: nnx.Module):
 
 def merge_model(model: nnx.Module, scale: float = 1.0) -> dict:
     """Merged plain parameters of an adapted model (model is not changed)."""
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     adapter, base = partition(params)
     scalings = {p: layer.lora_scaling for p, layer in iter_lora_layers(model) if layer.has_lora}
     return merge(base, adapter, scalings, scale=scale)
@@ -556,8 +556,9 @@ def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None 
 
     Every adapter tensor must land on a layer the config adapts, with the shape that
     layer expects; anything else is an error naming the key."""
+    _check_layers_fit(model, adapter)  # precise, per-key errors before the coarse fingerprint
     if check_base:
-        check_fingerprint(adapter, partition(nnx.state(model, nnx.Param).to_pure_dict())[1])
+        check_fingerprint(adapter, partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1])
     paths = inject(model, adapter.config, rngs=rngs or nnx.Rngs(0))
     try:
         _fill_adapter(model, adapter, paths)
@@ -565,6 +566,30 @@ def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None 
         _remove_adapters(model, paths)  # leave the model as it was, not half-filled
         raise
     return paths
+
+
+def _implied_kernel_shape(a, b) -> tuple[int, ...]:
+    if len(a.shape) == 2 and len(b.shape) == 2:
+        return (a.shape[0], b.shape[1])
+    if len(a.shape) == 3 and len(b.shape) == 2:
+        return (a.shape[0], a.shape[1], b.shape[1])
+    if len(a.shape) == 2 and len(b.shape) == 3:
+        return (b.shape[0], a.shape[0], b.shape[2])
+    raise ValueError(f"not a LoRA factor pair: a{tuple(a.shape)}, b{tuple(b.shape)}")
+
+
+def _check_layers_fit(model: nnx.Module, adapter: Adapter) -> None:
+    """Every adapter layer must exist in the model with the kernel its factors imply."""
+    layers = dict(iter_lora_layers(model))
+    for path, (a, b) in adapter_layers(adapter.params).items():
+        if path not in layers:
+            raise ValueError(f"{adapter.directory}: adapter has weights for {_dotted(path)}, "
+                             f"which is not an adaptable layer of the model")
+        want = _implied_kernel_shape(a, b)
+        have = tuple(layers[path].kernel.shape)
+        if want != have:
+            raise ValueError(f"{adapter.directory}: {_dotted(path)} was made for a kernel of shape {want}, "
+                             f"the model's is {have} (adapter made for another model?)")
 
 
 def _fill_adapter(model: nnx.Module, adapter: Adapter, paths: list[str]) -> None:

@@ -17,7 +17,7 @@ def load_params(model: nnx.Module, params: Mapping) -> None:
     Every given path must exist in the model with the same shape; paths not given keep
     the model's values."""
     state = nnx.state(model, nnx.Param)
-    flat_state = flatten(state.to_pure_dict())
+    flat_state = flatten(nnx.to_pure_dict(state))
     flat = flatten(params)
     unknown = sorted(set(flat) - set(flat_state))
     if unknown:

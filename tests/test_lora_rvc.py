@@ -22,7 +22,7 @@ CFG = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filte
 
 
 def _paths(model):
-    return sorted(lora.flatten(nnx.state(model, nnx.Param).to_pure_dict()))
+    return sorted(lora.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
 
 
 @pytest.mark.parametrize("preset_name", list(lora.PRESETS))
@@ -70,7 +70,7 @@ def test_merged_adapter_rendered_by_rvc_matches_adapted_jax_model():
     ours, *_ = model.infer(jnp.asarray(phone.numpy()), jnp.asarray(lengths.numpy()), jnp.asarray(pitch.numpy()),
                            jnp.asarray(pitchf.numpy()), jnp.asarray(sid.numpy()))
 
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     adapter, base = lora.partition(params)
     merged = lora.merge(base, adapter, config)
     rvc_sd = flax_to_torch(model, merged)
@@ -99,7 +99,7 @@ def test_unmerge_restores_base_weights():
     for _, layer in lora.iter_lora_layers(model):
         if layer.has_lora:
             layer.lora_b[...] = jnp.ones(layer.lora_b.shape) * 0.1
-    adapter, base = lora.partition(nnx.state(model, nnx.Param).to_pure_dict())
+    adapter, base = lora.partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     back = lora.unmerge(lora.merge(base, adapter, config), adapter, config)
     fb, fr = lora.flatten(base), lora.flatten(back)
     assert fb.keys() == fr.keys()
