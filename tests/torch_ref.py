@@ -47,5 +47,6 @@ def assert_close(got, want, atol=1e-4, name=""):
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
     err = np.abs(got - want).max() if got.size else 0.0
     rel = err / max(np.abs(want).max(), 1e-12)
+    print(f"[parity] {name}: max|Δ| = {err:.2e} rel = {rel:.2e}")  # shown with pytest -s
     assert err <= atol, f"{name}: max|Δ| = {err:.3g} (rel {rel:.3g}) > {atol}"
     return err, rel
