@@ -423,7 +423,10 @@ def fingerprint(base: Mapping, *, with_weights: bool = True) -> dict[str, str]:
     ``weights`` (optional) hashes the values. An adapter may only be applied to a model
     with the same structure; a different ``weights`` hash means another base with the
     same architecture (allowed, with a warning)."""
-    flat = {p: v for p, v in flatten(base).items() if p.rsplit("/", 1)[-1] not in LORA_KEYS}
+    # enc_q only serves training and RVC strips it from inference models, so it is left
+    # out: an adapter trained on a full G applies to the small model of the same base.
+    flat = {p: v for p, v in flatten(base).items()
+            if p.rsplit("/", 1)[-1] not in LORA_KEYS and not p.startswith("enc_q/")}
     hs = hashlib.sha256()
     hw = hashlib.sha256()
     for p in sorted(flat):

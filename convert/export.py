@@ -1,0 +1,273 @@
+"""Converting RVC files to Flax (Orbax) and exporting (merged) models back to RVC ``.pth``.
+
+``convert_file(FILE.pth, OUT_DIR)`` writes::
+
+    OUT_DIR/model.json                      what the model is (version, f0, sr, RVC config
+                                            list, layout, source key order, metadata)
+    OUT_DIR/params/                         Flax params (Orbax, fp32, weight norm folded)
+    OUT_DIR/weight_norm_source.safetensors  the source's original (g, v) pairs
+
+``export(source, OUT.pth, adapter=...)`` merges an adapter with the pure
+:func:`rvclora_jax.lora.merge` (in fp32) and writes an RVC file. Weight norm is
+re-factored the way RVC stores it (``weight_g``/``weight_v``, norm over every axis but 0
+— per *input* channel for the ``ups`` ConvTranspose1d): ``v = W + ΔW``, ``g = ‖v‖``.
+Layers the adapter did not change get their original ``(g, v)`` back bit for bit, so a
+round trip without an adapter reproduces the input file's tensors exactly.
+
+Every write goes to a temporary name in the target directory and is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from flax import nnx
+
+from convert.pth import RVCFile, RVCFileError, build_model, load_rvc_file, to_flax
+from convert.state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
+from rvclora_jax import lora
+from rvclora_jax.models.synthesizer import SynthConfig
+from rvclora_jax.params import load_params
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+WN_SOURCE = "weight_norm_source.safetensors"
+FORMAT = "rvclora-model"
+EXPORT_LAYOUTS = ("inference", "train-checkpoint", "base")
+
+
+@dataclasses.dataclass
+class Source:
+    """A base model ready to export: from an RVC file or a converted directory."""
+
+    path: str
+    kind: str
+    version: str
+    f0: bool | None
+    config: SynthConfig | None
+    layout: str
+    model: nnx.Module
+    params: dict
+    key_order: list[str]              # legacy-style torch keys, in the source's order
+    wn_source: dict[str, tuple[np.ndarray, np.ndarray]]  # prefix -> original (g, v)
+    metadata: dict[str, Any]
+
+
+def _legacy(key: str) -> str:
+    return key.replace("." + NEW_G, "." + LEGACY_G).replace("." + NEW_V, "." + LEGACY_V)
+
+
+def _wn_pairs(sd: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for k, v in sd.items():
+        lk = _legacy(k)
+        if lk.endswith("." + LEGACY_G):
+            prefix = lk[: -len(LEGACY_G) - 1]
+            vk = next(c for c in (prefix + "." + LEGACY_V, prefix + "." + NEW_V) if c in sd)
+            out[prefix] = (np.asarray(v), np.asarray(sd[vk]))
+    return out
+
+
+def source_from_file(path: str) -> Source:
+    f = load_rvc_file(path)
+    model, params = to_flax(f)
+    return Source(path=f.path, kind=f.kind, version=f.version, f0=f.f0, config=f.config, layout=f.layout,
+                  model=model, params=params, key_order=[_legacy(k) for k in f.state_dict],
+                  wn_source=_wn_pairs(f.state_dict), metadata=dict(f.metadata))
+
+
+def _atomic_dir(out_dir: str):
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir}: exists and is not an empty directory")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    return out_dir, tempfile.mkdtemp(prefix=".tmp-rvclora-", dir=parent)
+
+
+def convert_file(path: str, out_dir: str) -> Source:
+    """``rvclora convert``: RVC file → Orbax params + ``model.json`` in ``out_dir``."""
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    src = source_from_file(path)
+    out_dir, tmp = _atomic_dir(out_dir)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), src.params)
+        tensors = {}
+        for prefix, (g, v) in src.wn_source.items():
+            tensors[prefix + "." + LEGACY_G] = np.ascontiguousarray(g)
+            tensors[prefix + "." + LEGACY_V] = np.ascontiguousarray(v)
+        save_file(tensors, os.path.join(tmp, WN_SOURCE))
+        meta = {
+            "format": FORMAT, "format_version": 1, "kind": src.kind, "version": src.version,
+            "f0": src.f0, "sr": src.config.sr if src.config else None,
+            "config": src.config.to_list() if src.config else None,
+            "layout": src.layout, "source": os.path.abspath(path), "key_order": src.key_order,
+            "metadata": src.metadata, "has_enc_q": any(k.startswith("enc_q.") for k in src.key_order),
+        }
+        with open(os.path.join(tmp, MODEL_JSON), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return src
+
+
+def source_from_dir(path: str) -> Source:
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import load_file
+
+    mpath = os.path.join(path, MODEL_JSON)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"{path}: not a converted model directory (no {MODEL_JSON}); "
+                                f"create one with `rvclora convert FILE.pth {path}`")
+    with open(mpath) as fh:
+        meta = json.load(fh)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{mpath}: not an rvclora model description (format={meta.get('format')!r})")
+    cfg = SynthConfig.from_list(meta["config"]) if meta.get("config") else None
+    fake = RVCFile(path=path, layout=meta["layout"], kind=meta["kind"], version=meta["version"], f0=meta["f0"],
+                   sr=meta["sr"], config=cfg, state_dict={}, dtype="float32", weight_norm_style="legacy",
+                   has_enc_q=meta["has_enc_q"], metadata=meta["metadata"], has_optimizer=False, num_params=0,
+                   n_speakers=cfg.spk_embed_dim if cfg else None)
+    model = build_model(fake)
+    target = lora.unflatten({k: np.asarray(v) for k, v in
+                             lora.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
+    params = lora.unflatten({k: np.asarray(v) for k, v in lora.flatten(params).items()})
+    load_params(model, params)
+    wn = load_file(os.path.join(path, WN_SOURCE)) if os.path.exists(os.path.join(path, WN_SOURCE)) else {}
+    pairs = {k[: -len(LEGACY_G) - 1]: (wn[k], wn[k[: -len(LEGACY_G)] + LEGACY_V]) for k in wn
+             if k.endswith("." + LEGACY_G)}
+    return Source(path=path, kind=meta["kind"], version=meta["version"], f0=meta["f0"], config=cfg,
+                  layout=meta["layout"], model=model, params=params, key_order=list(meta["key_order"]),
+                  wn_source=pairs, metadata=dict(meta["metadata"]))
+
+
+def load_source(path: str) -> Source:
+    """An RVC ``.pth`` file or a directory written by :func:`convert_file`."""
+    if os.path.isdir(path):
+        return source_from_dir(path)
+    return source_from_file(path)
+
+
+def merge_adapter(src: Source, adapter_path: str, scale: float = 1.0) -> tuple[dict, lora.Adapter]:
+    """Base params + adapter → merged params (pure), after checking the adapter fits."""
+    if src.kind != "generator":
+        raise ValueError(f"{src.path}: adapters apply to generators, this is a {src.kind}")
+    ad = lora.load_adapter(adapter_path)
+    adapter_params = lora.flatten(ad.params)
+    layers = dict(lora.iter_lora_layers(src.model))
+    for path, (a, b) in lora.adapter_layers(ad.params).items():
+        if path not in layers:
+            raise ValueError(f"{ad.directory}: adapter has weights for {path.replace('/', '.')}, which "
+                             f"{src.path} has no adaptable layer for (adapter made for another model?)")
+        want = lora._implied_kernel_shape(a, b)
+        have = tuple(layers[path].kernel.shape)
+        if want != have:
+            raise ValueError(f"{ad.directory}: {path.replace('/', '.')} was made for a kernel of shape {want}, "
+                             f"{src.path} has {have} (adapter made for another model?)")
+    lora.check_fingerprint(ad, src.params, source=src.path)
+    merged = lora.merge(src.params, ad.params, ad.config, scale=scale)
+    for k, v in lora.flatten(merged).items():
+        if not np.all(np.isfinite(np.asarray(v))):
+            raise ValueError(f"{ad.directory}: merging gives non-finite values in {k.replace('/', '.')}")
+    del adapter_params
+    return merged, ad
+
+
+def state_dict_for(src: Source, params: dict, *, keep_enc_q: bool) -> dict[str, np.ndarray]:
+    """RVC state dict (legacy weight-norm keys, source key order) for ``params`` in fp32."""
+    sd = flax_to_torch(src.model, params, style="legacy")
+    # Unchanged weight-normed layers: give back the source's own (g, v) pair.
+    for prefix, (g, v) in src.wn_source.items():
+        gk, vk = prefix + "." + LEGACY_G, prefix + "." + LEGACY_V
+        if vk in sd and np.array_equal(sd[vk], fold_weight_norm(g.astype(np.float32), v.astype(np.float32))):
+            sd[gk], sd[vk] = g.astype(np.float32), v.astype(np.float32)
+    if not keep_enc_q:
+        sd = {k: v for k, v in sd.items() if not k.startswith("enc_q.")}
+    order = [k for k in src.key_order if k in sd]
+    order += [k for k in sd if k not in set(order)]
+    return {k: sd[k] for k in order}
+
+
+def _empty_adamw_state(n_params: int, lr: float) -> dict:
+    """A torch AdamW state dict with no moments yet (RVC's hyper-parameters), so RVC's
+    ``load_checkpoint`` accepts the file and continues with fresh moments."""
+    return {"state": {}, "param_groups": [{
+        "lr": lr, "betas": (0.8, 0.99), "eps": 1e-9, "weight_decay": 0.01, "amsgrad": False,
+        "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
+        "fused": None, "initial_lr": lr, "params": list(range(n_params))}]}
+
+
+def _sr_string(sr: int) -> str:
+    return {32000: "32k", 40000: "40k", 48000: "48k"}.get(sr, str(sr))
+
+
+def export(src: Source, out_path: str, *, adapter: str | None = None, scale: float = 1.0,
+           layout: str = "inference", fp32: bool = False, info: str | None = None) -> dict:
+    """Write ``src`` (merged with ``adapter`` if given) as an RVC ``.pth``; returns a report."""
+    if layout not in EXPORT_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(EXPORT_LAYOUTS)}")
+    if src.kind == "discriminator" and layout == "inference":
+        raise ValueError(f"{src.path}: a discriminator cannot be exported as an inference model")
+    params, ad = src.params, None
+    if adapter is not None:
+        params, ad = merge_adapter(src, adapter, scale)
+    has_enc_q = any(k.startswith("enc_q.") for k in src.key_order)
+    if layout != "inference" and src.kind == "generator" and not has_enc_q:
+        raise ValueError(f"{src.path}: has no enc_q (an inference model), so it cannot be written as a "
+                         f"{layout} file, which RVC loads strictly with enc_q")
+    sd = state_dict_for(src, params, keep_enc_q=layout != "inference")
+    dtype = torch.float16 if (layout == "inference" and not fp32) else torch.float32
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)).to(dtype) for k, v in sd.items()}
+    md = src.metadata
+    if layout == "inference":
+        cfg = src.config.replace(segment_size=32)  # RVC's small models always store 32
+        base_name = os.path.basename(src.path.rstrip("/"))
+        ckpt = {
+            "weight": tensors,
+            "config": cfg.to_list(),
+            "info": info or (f"rvclora-jax: {base_name}" + (f" + adapter {ad.directory} x{scale:g}" if ad else "")),
+            "sr": _sr_string(cfg.sr),
+            "f0": int(bool(src.f0)),
+            "version": src.version,
+        }
+    elif layout == "train-checkpoint":
+        lr = float(md.get("learning_rate", 1e-4))
+        ckpt = {"model": tensors, "iteration": int(md.get("iteration", 1)),
+                "optimizer": _empty_adamw_state(len(tensors), lr), "learning_rate": lr}
+    else:
+        ckpt = {"model": tensors}
+    out_path = os.path.abspath(out_path)
+    d = os.path.dirname(out_path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-rvclora-", suffix=".pth", dir=d)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"path": out_path, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
+            "keys": len(tensors), "adapter": ad.directory if ad else None, "scale": scale,
+            "bytes": os.path.getsize(out_path)}
+
+
+__all__ = ["Source", "load_source", "convert_file", "export", "merge_adapter", "state_dict_for",
+           "RVCFileError"]
