@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -101,6 +102,90 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _write_example_base(path: str, seed: int) -> None:
+    """A randomly initialised v2 40k f0 base (RVC's real architecture) as ``{"model": sd}``."""
+    import torch
+    from flax import nnx
+
+    from convert.state_dict import flax_to_torch
+
+    from .models import synthesizer as S
+
+    model = S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed))
+    sd = {k: torch.from_numpy(v.copy()) for k, v in flax_to_torch(model).items()}
+    tmp = path + ".tmp"
+    torch.save({"model": sd}, tmp)
+    os.replace(tmp, path)
+
+
+def _cmd_train(args) -> int:
+    _torch_needed()
+    import time
+
+    from flax import nnx
+
+    from convert.export import export, load_source
+    from convert.pth import load_rvc_file, to_flax
+
+    from . import lora
+    from .data import example_dir
+    from .models.discriminators import multi_period_discriminator
+    from .run import RunConfig, default_segment_frames, run
+    from .train import TrainConfig
+
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    if args.example:
+        args.data = args.data or example_dir()
+        if not args.base:
+            args.base = os.path.join(args.out, "example_base_G.pth")
+            if not os.path.exists(args.base):
+                print(f"example: writing a random-weight v2 40k base (real RVC architecture) to {args.base}")
+                _write_example_base(args.base, args.seed)
+    if not args.base or not args.data:
+        raise ValueError("train needs --base G.pth and --data EXP_DIR (or --example)")
+    gfile = load_rvc_file(args.base)
+    if gfile.kind != "generator":
+        raise ValueError(f"{args.base}: is a {gfile.kind}; --base takes a generator (f0G40k.pth, G_*.pth)")
+    print(gfile.summary())
+    g, g_params = to_flax(gfile, seed=args.seed)
+    if args.base_d:
+        dfile = load_rvc_file(args.base_d)
+        if dfile.kind != "discriminator":
+            raise ValueError(f"{args.base_d}: is a {dfile.kind}; --base-d takes a discriminator (f0D40k.pth, D_*.pth)")
+        if dfile.version != gfile.version:
+            raise ValueError(f"{args.base_d}: a {dfile.version} discriminator for a {gfile.version} generator")
+        d, _ = to_flax(dfile, seed=args.seed)
+        print(dfile.summary())
+    else:
+        d = multi_period_discriminator(gfile.version, nnx.Rngs(args.seed + 1))
+        print(f"no --base-d: the {gfile.version} discriminator starts from random weights (trained fully)")
+    lcfg = lora.LoRAConfig.from_preset(args.targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    tcfg = TrainConfig(batch_size=args.batch_size, segment_frames=args.segment_frames or default_segment_frames(g),
+                       lr=args.lr, lr_d=args.lr_d, seed=args.seed)
+    rcfg = RunConfig(data_dir=args.data, run_dir=args.out, lora=lcfg, train=tcfg, steps=args.steps,
+                     epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
+                     resume=args.resume, progress=not args.no_progress)
+    base_fp = lora.fingerprint(lora.partition(g_params)[1])
+    res = run(g, d, rcfg, base_fingerprint=base_fp, metadata={"base": os.path.abspath(args.base)})
+    recs = res["metrics"]
+    if recs:
+        print(f"step {recs[-1]['step']}: mel {recs[-1]['mel']:.3f} (first logged {recs[0]['mel']:.3f}), "
+              f"kl {recs[-1]['kl']:.3f}, loss_d {recs[-1]['loss_d']:.3f}")
+    if res["interrupted"]:
+        print(f"interrupted at step {res['step']}: checkpoint saved; continue with --resume")
+        return 130
+    out_pth = os.path.join(args.out, "model.pth")
+    rep = export(load_source(args.base), out_pth, adapter=args.out, layout="inference",
+                 info=f"rvclora-jax LoRA r{args.rank} {args.targets}, {res['step']} steps")
+    print(f"done in {time.time() - t0:.0f} s. outputs in {os.path.abspath(args.out)}:")
+    print(f"  adapter.safetensors + adapter_config.json   the adapter ({res['summary'].trainable_params:,} params)")
+    print(f"  model.pth                                   merged RVC inference model ({rep['bytes'] / 1e6:.1f} MB, "
+          f"loads in RVC WebUI / Applio)")
+    print("  metrics.jsonl, loss.png, checkpoints/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rvclora", description="Exact LoRA fine-tuning of RVC voice models in JAX.")
     p.add_argument("--version", action="version", version=f"rvclora-jax {__version__}")
@@ -136,6 +221,32 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--fp32", action="store_true", help="inference model in fp32 (default fp16, as RVC)")
     exp.add_argument("--info", default=None, help="text for the inference model's 'info' field")
     exp.set_defaults(func=_cmd_export)
+
+    tr = sub.add_parser("train", help="train a LoRA adapter with RVC's GAN objective")
+    tr.add_argument("--base", help="pretrained generator (f0G40k.pth, G_*.pth)")
+    tr.add_argument("--base-d", help="pretrained discriminator (f0D40k.pth, D_*.pth); default: random init")
+    tr.add_argument("--data", help="RVC or Applio experiment folder")
+    tr.add_argument("--out", required=True, help="run directory (becomes an adapter directory)")
+    tr.add_argument("--example", action="store_true",
+                    help="use the built-in example data (and a random-weight base unless --base is given)")
+    tr.add_argument("--rank", type=int, default=8)
+    tr.add_argument("--alpha", type=float, default=None, help="default: equal to rank")
+    tr.add_argument("--dropout", type=float, default=0.0)
+    tr.add_argument("--targets", default="generator", help="LoRA preset (see `rvclora presets`)")
+    g = tr.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=4)
+    tr.add_argument("--segment-frames", type=int, default=None, help="default: RVC's segment for the rate (32 at 40k)")
+    tr.add_argument("--lr", type=float, default=1e-4)
+    tr.add_argument("--lr-d", type=float, default=None, help="discriminator lr (default: --lr)")
+    tr.add_argument("--seed", type=int, default=1234)
+    tr.add_argument("--save-every", type=int, default=500)
+    tr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(func=_cmd_train)
 
     pr = sub.add_parser("presets", help="list LoRA target presets")
     pr.add_argument("--model-version", dest="version", choices=["v1", "v2"], default=None,

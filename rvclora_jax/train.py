@@ -1,0 +1,389 @@
+"""LoRA training with RVC's GAN objective.
+
+One jit-compiled step does what RVC's ``train_and_evaluate`` does per batch:
+
+1. generator forward (posterior ``enc_q`` → random segment → decoder), once;
+2. discriminator update on (real segment, generated segment with gradients stopped);
+3. generator loss with the *updated* discriminator: mel L1 ×45 (mel of the dataset's
+   spectrogram slice vs mel of the generated audio) + KL ×1 + least-squares adversarial
+   + feature matching ×2 — and an update of **only the generator's adapter**.
+
+The generator forward runs once: ``jax.vjp`` keeps its pullback, the discriminator step
+uses its output, and the generator loss's gradient w.r.t. that output is pulled back to
+the adapter. Only ``LoRAParam`` leaves are differentiated and have optimizer state; the
+frozen base is a closed-over constant of the step.
+
+Optimiser defaults are RVC's: AdamW(lr 1e-4, betas (0.8, 0.99), eps 1e-9, weight decay
+0.01) for both networks, learning rate × 0.999875 per epoch. Every random draw (posterior
+noise, segment starts, NSF noise) comes from ``fold_in(seed key, step)``, so a run is a
+pure function of (seed, data order, step) and resumes exactly.
+
+Data parallelism: batches are sharded over a 1-D ``data`` mesh of all local devices,
+parameters and optimizer states are replicated; XLA inserts the gradient all-reduce.
+For several hosts call ``jax.distributed.initialize()`` first and feed each host its
+slice of the global batch (``jax.make_array_from_process_local_data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import lora
+from .audio import MelConfig, mel_spectrogram
+from .layers import LoRAParam
+from .losses import C_KL, C_MEL, discriminator_loss, feature_loss, generator_loss, kl_loss, mel_l1
+from .models.synthesizer import Synthesizer, slice_segments
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 4
+    segment_frames: int = 32  # RVC: train.segment_size // hop (32 at 40k)
+    lr: float = 1e-4
+    lr_d: float | None = None  # default: lr
+    lr_decay: float = 0.999875  # per epoch (RVC's ExponentialLR)
+    betas: tuple[float, float] = (0.8, 0.99)
+    eps: float = 1e-9
+    weight_decay: float = 0.01
+    c_mel: float = C_MEL
+    c_kl: float = C_KL
+    seed: int = 1234
+    train_d: bool = True
+
+
+def _adamw(lr: float, cfg: TrainConfig, steps_per_epoch: int):
+    spe = max(int(steps_per_epoch), 1)
+
+    def schedule(count):
+        return lr * cfg.lr_decay ** (count // spe)
+    return optax.adamw(schedule, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the frozen parts and the compiled step; the trainable state is a pytree dict
+    ``{"g": adapter, "d": discriminator params, "opt_g", "opt_d", "step"}``."""
+
+    generator: Synthesizer
+    discriminator: nnx.Module
+    config: TrainConfig
+    steps_per_epoch: int
+    mesh: Mesh | None = None
+
+    def __post_init__(self):
+        g = self.generator
+        if g.enc_q is None:
+            raise ValueError("training needs the posterior encoder enc_q: use a pretrained base or a G_*.pth "
+                             "training checkpoint, not a small inference model")
+        if not list(lora.iter_lora_layers(g)) or not jax.tree.leaves(nnx.state(g, LoRAParam)):
+            raise ValueError("the generator has no LoRA adapter; call lora.inject first")
+        self.g_graphdef, g_adapter, self.g_base, self.g_rest = nnx.split(g, LoRAParam, nnx.Param, ...)
+        self.d_graphdef, d_params = nnx.split(self.discriminator, nnx.Param)
+        c = self.config
+        self.tx_g = _adamw(c.lr, c, self.steps_per_epoch)
+        self.tx_d = _adamw(c.lr_d or c.lr, c, self.steps_per_epoch)
+        self.mel = MelConfig.for_rate(g.config.sr)
+        self.hop = g.config.hop_length
+        if self.mel.hop_length != self.hop:
+            raise ValueError(f"mel hop {self.mel.hop_length} != generator hop {self.hop}")
+        self.root_key = jax.random.key(c.seed)
+        self._init_state = {"g": g_adapter, "d": d_params, "opt_g": self.tx_g.init(g_adapter),
+                            "opt_d": self.tx_d.init(d_params), "step": jnp.zeros((), jnp.int32)}
+        self.structure_hash()
+        if self.mesh is None:
+            self.mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self._step = jax.jit(self._train_step, donate_argnums=(0,),
+                             in_shardings=(self.replicated, self.batch_sharding),
+                             out_shardings=(self.replicated, self.replicated))
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> dict:
+        # a fresh copy: the step donates its input state, which must not delete ours
+        return jax.device_put(jax.tree.map(lambda x: np.array(x), self._init_state), self.replicated)
+
+    def put_batch(self, batch: dict) -> dict:
+        n = self.mesh.devices.size
+        b = next(iter(batch.values())).shape[0]
+        if b % n:
+            raise ValueError(f"batch size {b} is not divisible by the {n} devices of the data mesh")
+        return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, self.batch_sharding)
+
+    def structure_hash(self) -> str:
+        """Identifies the state's structure (paths, shapes, dtypes) for safe resumes."""
+        if not hasattr(self, "_structure"):
+            leaves = jax.tree_util.tree_flatten_with_path(self._init_state)[0]
+            h = hashlib.sha256()
+            for path, x in leaves:
+                h.update(f"{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{x.dtype};".encode())
+            self._structure = h.hexdigest()[:16]
+        return self._structure
+
+    # ------------------------------------------------------------------ the step
+    def _gen_forward(self, adapter, batch, key):
+        g = nnx.merge(self.g_graphdef, adapter, self.g_base, self.g_rest)
+        seg = self.config.segment_frames
+        k_eps, k_ids, k_src = jax.random.split(key, 3)
+        B, T = batch["phone"].shape[:2]
+        eps_q = jax.random.normal(k_eps, (B, batch["spec"].shape[1], g.config.inter_channels))
+        # RVC: ids = floor(U[0,1) · (len − seg + 1))
+        span = jnp.maximum(batch["spec_lengths"] - seg + 1, 1).astype(jnp.float32)
+        ids = jnp.floor(jax.random.uniform(k_ids, (B,)) * span).astype(jnp.int32)
+        noise = jax.random.normal(k_src, (B, seg * self.hop, 1)) if g.f0 else None
+        o, _, _, y_mask, stats = g(batch["phone"], batch["phone_lengths"], batch.get("pitch"), batch.get("pitchf"),
+                                   batch["spec"], batch["spec_lengths"], batch["sid"], ids_slice=ids,
+                                   segment_size=seg, eps_q=eps_q, source_noise=noise)
+        return (o, stats), (y_mask, ids)
+
+    def _d_apply(self, d_params, y):
+        return nnx.merge(self.d_graphdef, d_params).apply_one(y)
+
+    def _train_step(self, state, batch):
+        c = self.config
+        seg, hop, mel = c.segment_frames, self.hop, self.mel
+        key = jax.random.fold_in(self.root_key, state["step"])
+        (o, stats), g_vjp, (y_mask, ids) = jax.vjp(
+            lambda ad: self._gen_forward(ad, batch, key), state["g"], has_aux=True)
+        wave = slice_segments(batch["wave"][..., None], ids * hop, seg * hop)
+
+        # 1) discriminator step on the generated audio with gradients stopped
+        def d_loss_fn(dp):
+            real, _ = self._d_apply(dp, wave)
+            fake, _ = self._d_apply(dp, jax.lax.stop_gradient(o))
+            return discriminator_loss(real, fake)[0]
+
+        loss_d, grads_d = jax.value_and_grad(d_loss_fn)(state["d"])
+        if c.train_d:
+            upd, opt_d = self.tx_d.update(grads_d, state["opt_d"], state["d"])
+            d_params = optax.apply_updates(state["d"], upd)
+        else:
+            opt_d, d_params = state["opt_d"], state["d"]
+
+        # 2) generator loss with the updated discriminator, pulled back to the adapter
+        y_mel = mel.spec_to_mel(slice_segments(batch["spec"], ids, seg))
+
+        def g_loss_fn(o, stats):
+            z, z_p, m_p, logs_p, m_q, logs_q = stats
+            y_hat_mel = mel_spectrogram(o[..., 0], mel.filter_length, mel.n_mel_channels, mel.sampling_rate,
+                                        mel.hop_length, mel.win_length, mel.mel_fmin, mel.mel_fmax)
+            _, fmap_r = self._d_apply(d_params, wave)
+            fake, fmap_g = self._d_apply(d_params, o)
+            loss_mel = mel_l1(y_mel, y_hat_mel) * c.c_mel
+            loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, y_mask) * c.c_kl
+            loss_fm = feature_loss(fmap_r, fmap_g)
+            loss_adv = generator_loss(fake)[0]
+            total = loss_adv + loss_fm + loss_mel + loss_kl
+            return total, {"loss_g": total, "mel": loss_mel, "kl": loss_kl, "fm": loss_fm, "adv": loss_adv}
+
+        (_, parts), cot = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(o, stats)
+        (grads_g,) = g_vjp(cot)
+        upd, opt_g = self.tx_g.update(grads_g, state["opt_g"], state["g"])
+        g_adapter = optax.apply_updates(state["g"], upd)
+        step = state["step"] + 1
+        lr = c.lr * c.lr_decay ** (state["step"] // max(self.steps_per_epoch, 1))
+        metrics = dict(parts, loss_d=loss_d, lr=lr, grad_norm_g=optax.global_norm(grads_g))
+        return {"g": g_adapter, "d": d_params, "opt_g": opt_g, "opt_d": opt_d, "step": step}, metrics
+
+    def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        return self._step(state, self.put_batch(batch))
+
+    # ------------------------------------------------------------------ results
+    def adapter_pure(self, state: dict) -> dict:
+        return nnx.to_pure_dict(jax.device_get(state["g"]))
+
+    def load_into_models(self, state: dict) -> None:
+        """Write the trained adapter and D back into the NNX modules."""
+        nnx.update(self.generator, jax.device_get(state["g"]))
+        nnx.update(self.discriminator, jax.device_get(state["d"]))
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+class Checkpoints:
+    """Orbax checkpoints of the whole training state plus the data position.
+
+    The state tree is saved as its flat leaf list (its structure is rebuilt from the
+    model and config on resume, and checked with a structure hash)."""
+
+    def __init__(self, directory: str, *, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: dict, meta: dict) -> None:
+        ocp = self.ocp
+        leaves = jax.tree.leaves(jax.device_get(state))
+        tree = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+        step = int(meta["step"])
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, template: dict, step: int | None = None) -> tuple[dict, dict]:
+        ocp = self.ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to resume from")
+        leaves, treedef = jax.tree.flatten(jax.device_get(template))
+        target = {f"{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                 meta=ocp.args.JsonRestore()))
+        tree = out["state"]
+        restored = [np.asarray(tree[f"{i:05d}"]) for i in range(len(leaves))]
+        return jax.tree.unflatten(treedef, restored), dict(out["meta"])
+
+    def close(self):
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: dict
+    step: int
+    interrupted: bool
+    metrics: list[dict]
+
+
+def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, save_every: int = 500,
+               keep: int = 3, log_every: int = 10, resume: bool = False, progress: bool = True,
+               on_log: Callable[[dict], None] | None = None, on_save: Callable[[dict, int], None] | None = None,
+               stop_at: int | None = None) -> LoopResult:
+    """Run (or resume) training to ``total_steps`` with checkpoints in ``run_dir/checkpoints``.
+
+    ``batches`` is a :class:`rvclora_jax.data.Batches` (``len()`` batches per epoch,
+    ``iterate(epoch, start)``). Metrics go to ``run_dir/metrics.jsonl``. SIGINT/SIGTERM
+    (Ctrl-C) saves a checkpoint and returns with ``interrupted=True``. ``stop_at`` stops
+    early at that step without a final save (for tests of resumption)."""
+    from .data import prefetch
+
+    os.makedirs(run_dir, exist_ok=True)
+    ckpts = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=keep)
+    spe = len(batches)
+    state = trainer.init_state()
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if resume and ckpts.latest_step() is not None:
+        restored, meta = ckpts.restore(jax.device_get(state))
+        if meta.get("structure") != trainer.structure_hash():
+            raise ValueError(f"{ckpts.directory}: checkpoint was made with a different model/adapter/optimizer "
+                             f"configuration (structure {meta.get('structure')} != {trainer.structure_hash()})")
+        state = jax.device_put(restored, trainer.replicated)
+        start = int(meta["step"])
+        _truncate_metrics(metrics_path, start)
+    elif resume:
+        start = 0
+    else:
+        if ckpts.latest_step() is not None:
+            raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume to continue or use a new --out")
+        start = 0
+        if os.path.exists(metrics_path):
+            os.unlink(metrics_path)
+
+    stop = {"flag": False}
+
+    def _handler(signum, frame):
+        stop["flag"] = True
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, _handler)
+        except ValueError:  # not in the main thread
+            pass
+
+    def meta_for(step):
+        return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe, "seed": trainer.config.seed,
+                "structure": trainer.structure_hash()}
+
+    logged: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
+    step = start
+    interrupted = False
+    try:
+        with open(metrics_path, "a") as mf:
+            while step < total_steps and not stop["flag"]:
+                epoch, offset = divmod(step, spe)
+                feed = prefetch(batches.iterate(epoch, start=offset), size=2)
+                try:
+                    for batch in feed:
+                        if step >= total_steps or stop["flag"] or (stop_at is not None and step >= stop_at):
+                            break
+                        t0 = time.perf_counter()
+                        state, m = trainer.step(state, batch)
+                        step += 1
+                        if step % log_every == 0 or step == total_steps or step == 1:
+                            m = {k: float(v) for k, v in jax.device_get(m).items()}
+                            rec = {"step": step, "epoch": epoch, **m, "step_time": time.perf_counter() - t0}
+                            mf.write(json.dumps(rec) + "\n")
+                            mf.flush()
+                            logged.append(rec)
+                            if bar is not None:
+                                bar.set_postfix(mel=f"{m['mel']:.3f}", g=f"{m['loss_g']:.2f}", d=f"{m['loss_d']:.2f}")
+                            if on_log:
+                                on_log(rec)
+                        if bar is not None:
+                            bar.update(1)
+                        if step % save_every == 0 and step < total_steps:
+                            ckpts.save(state, meta_for(step))
+                            if on_save:
+                                on_save(state, step)
+                finally:
+                    feed.close()
+                if stop_at is not None and step >= stop_at:
+                    break
+        if stop["flag"]:
+            interrupted = True
+            ckpts.save(state, meta_for(step))
+        elif stop_at is None or step >= total_steps:
+            ckpts.save(state, meta_for(step))
+    finally:
+        if bar is not None:
+            bar.close()
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        ckpts.close()
+    return LoopResult(state, step, interrupted, logged)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint (they will be re-logged)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError):
+                pass
+    with open(path, "w") as f:
+        f.writelines(keep)
