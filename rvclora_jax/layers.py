@@ -39,6 +39,7 @@ adapter leaves the layer's output bit-identical.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Sequence
 
@@ -208,6 +209,43 @@ def _conv_padding(padding: Padding, kernel_size: int, stride: int, dilation: int
     return (int(left), int(right))
 
 
+def _grouped_conv_im2col(x, w, stride: int, padding: tuple[int, int], groups: int):
+    """Grouped conv as strided slices + one einsum (the same sums as the grouped conv)."""
+    b, t, c = x.shape
+    k, cg, o = w.shape
+    xp = jnp.pad(x, ((0, 0), padding, (0, 0)))
+    t_out = (t + padding[0] + padding[1] - k) // stride + 1
+    cols = jnp.stack([lax.slice_in_dim(xp, j, j + stride * (t_out - 1) + 1, stride, axis=1) for j in range(k)],
+                     axis=2).reshape(b, t_out, k, groups, c // groups)
+    wg = jnp.transpose(w.reshape(k, cg, groups, o // groups), (0, 2, 1, 3))  # [K, G, C/G, O/G]
+    return jnp.einsum("btkgc,kgco->btgo", cols, wg).reshape(b, t_out, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def grouped_conv1d(x, w, stride: int, padding: tuple[int, int], groups: int):
+    """Grouped 1-D convolution whose backward pass avoids XLA's grouped-conv gradient.
+
+    On CPU the weight gradient of ``conv_general_dilated(feature_group_count=G)`` is
+    very slow (2.4 s for RVC's 1024→1024, G=256 layer vs 0.07 s here). The forward pass
+    is the ordinary grouped conv; the backward pass differentiates the equivalent
+    slices-plus-einsum form, so the gradients are the exact gradients of the same map."""
+    return lax.conv_general_dilated(x, w, (stride,), [padding], dimension_numbers=_DN,
+                                    feature_group_count=groups)
+
+
+def _grouped_fwd(x, w, stride, padding, groups):
+    return grouped_conv1d(x, w, stride, padding, groups), (x, w)
+
+
+def _grouped_bwd(stride, padding, groups, res, g):
+    x, w = res
+    _, pullback = jax.vjp(lambda x, w: _grouped_conv_im2col(x, w, stride, padding, groups), x, w)
+    return pullback(g)
+
+
+grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
+
+
 class Conv1d(_Adaptable):
     """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs."""
 
@@ -231,6 +269,8 @@ class Conv1d(_Adaptable):
         self._init_adapter_slots()
 
     def _conv(self, x, kernel, groups=1):
+        if groups > 1 and self.dilation == 1:
+            return grouped_conv1d(x, kernel, self.stride, tuple(self.padding), groups)
         return lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride,), padding=[self.padding],
             rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=groups)

@@ -457,3 +457,32 @@ def test_dense_adapter_gradient_closed_form(rng):
     want_a = s * x2.T @ g2 @ b.T  # [in, r]
     assert rel_err(grads["lora_a"][...], want_a) <= 1e-5
     assert rel_err(grads["lora_b"][...], want_b) <= 1e-5
+
+
+@pytest.mark.parametrize("groups,stride,k", [(4, 4, 41), (16, 1, 5)])
+def test_grouped_conv_gradients_match_torch_autograd(groups, stride, k):
+    """Conv1d(groups>1) has a custom backward (slices + einsum); check it against torch."""
+    import torch
+
+    cin, cout, T = 32, 64, 120
+    layer = Conv1d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, T, cin)).astype(np.float32)
+    gy_shape = np.asarray(layer(jnp.asarray(x))).shape
+    gy = rng.standard_normal(gy_shape).astype(np.float32)
+
+    graphdef, params = nnx.split(layer, nnx.Param)
+
+    def f(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) * gy)
+
+    kern = layer.kernel[...]
+    gp, gx = jax.jit(jax.grad(f, argnums=(0, 1)))(params, jnp.asarray(x))
+    gk = gp["kernel"][...]
+    tx = torch.tensor(x.transpose(0, 2, 1), requires_grad=True)
+    tw = torch.tensor(np.asarray(kern).transpose(2, 1, 0), requires_grad=True)
+    ty = torch.nn.functional.conv1d(tx, tw, torch.tensor(np.asarray(layer.bias[...])), stride=stride,
+                                    padding=k // 2, groups=groups)
+    (ty * torch.tensor(gy.transpose(0, 2, 1))).sum().backward()
+    np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gk), tw.grad.numpy().transpose(2, 1, 0), rtol=1e-4, atol=1e-4)
