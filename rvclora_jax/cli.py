@@ -165,7 +165,7 @@ def _cmd_train(args) -> int:
                        lr=args.lr, lr_d=args.lr_d, seed=args.seed)
     rcfg = RunConfig(data_dir=args.data, run_dir=args.out, lora=lcfg, train=tcfg, steps=args.steps,
                      epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                     resume=args.resume, progress=not args.no_progress)
+                     resume=args.resume, progress=not args.no_progress, sid=args.sid)
     base_fp = lora.fingerprint(lora.partition(g_params)[1])
     res = run(g, d, rcfg, base_fingerprint=base_fp, metadata={"base": os.path.abspath(args.base)})
     recs = res["metrics"]
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=500)
     tr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--sid", type=int, default=None,
+                    help="speaker row of the base to train as (default: the ids in the data, usually 0)")
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)

@@ -36,6 +36,7 @@ class RunConfig:
     log_every: int = 10
     resume: bool = False
     progress: bool = True
+    sid: int | None = None  # train every clip as this speaker row of the base (emb_g)
 
 
 def auto_buckets(lengths: list[int], step: int = 50, max_shapes: int = 3) -> tuple[int, ...]:
@@ -49,8 +50,18 @@ def default_segment_frames(g: Synthesizer) -> int:
     return TRAIN_SEGMENT_SAMPLES.get(key, 12800) // g.config.hop_length
 
 
-def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int):
+def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
+                    sid: int | None = None):
     items = data_mod.scan_experiment(data_dir, version=g.version, f0=g.f0, sr=g.config.sr)
+    n_spk = g.config.spk_embed_dim
+    if sid is not None:
+        if not 0 <= sid < n_spk:
+            raise ValueError(f"--sid {sid}: the base has speaker rows 0..{n_spk - 1} (emb_g)")
+        items = [dataclasses.replace(it, sid=sid) for it in items]
+    for it in items:
+        if not 0 <= it.sid < n_spk:
+            raise ValueError(f"{it.wav}: speaker id {it.sid} is outside the base's {n_spk} speaker rows; "
+                             f"pass --sid to pick one")
     cache = os.path.join(data_dir, ".rvclora_cache") if os.access(data_dir, os.W_OK) else None
     loaded = data_mod.load_items(items, g.config.sr, cache_dir=cache)
     lengths = [d["spec"].shape[0] for d in loaded]
@@ -97,7 +108,8 @@ def run(g: Synthesizer, d: nnx.Module, cfg: RunConfig, *, base_fingerprint: dict
     if not any(layer.has_lora for _, layer in lora.iter_lora_layers(g)):
         lora.inject(g, cfg.lora, rngs=nnx.Rngs(cfg.train.seed))
     summary = lora.summarize(g)
-    batches = prepare_batches(g, cfg.data_dir, cfg.train.batch_size, cfg.train.segment_frames, cfg.train.seed)
+    batches = prepare_batches(g, cfg.data_dir, cfg.train.batch_size, cfg.train.segment_frames, cfg.train.seed,
+                              sid=cfg.sid)
     spe = len(batches)
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * spe
     log(f"data: {len(batches.items)} clips from {cfg.data_dir}, {spe} batches/epoch of {cfg.train.batch_size}, "

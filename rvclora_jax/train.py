@@ -94,6 +94,8 @@ class Trainer:
             raise ValueError("the generator has no LoRA adapter; call lora.inject first")
         self.g_graphdef, g_adapter, self.g_base, self.g_rest = nnx.split(g, LoRAParam, nnx.Param, ...)
         self.d_graphdef, d_params = nnx.split(self.discriminator, nnx.Param)
+        # copies, not the modules' own Variables: load_into_models() must not change init_state()
+        g_adapter, d_params = jax.tree.map(np.array, (g_adapter, d_params))
         c = self.config
         self.tx_g = _adamw(c.lr, c, self.steps_per_epoch)
         self.tx_d = _adamw(c.lr_d or c.lr, c, self.steps_per_epoch)
