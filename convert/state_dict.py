@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense
-from rvclora_jax.lora import LORA_KEYS, flatten, path_str, unflatten
+from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense, Embed
+from rvclora_jax.lora import ADAPTER_LEAVES, flatten, path_str, unflatten
 from rvclora_jax.params import load_params  # noqa: F401  (re-exported for callers)
 
 LEGACY_G, LEGACY_V = "weight_g", "weight_v"
@@ -118,13 +118,13 @@ def _layer_hooks(model: nnx.Module):
                 yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0), mod
         elif isinstance(mod, ConvTranspose1d):
             yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0), mod
-        elif isinstance(mod, nnx.Embed):
+        elif isinstance(mod, (nnx.Embed, Embed)):
             yield p + "/embedding", t + ".weight", lambda w: w, lambda k: k, mod
 
 
 def _base_params(model: nnx.Module) -> dict[str, Any]:
     flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in LORA_KEYS}
+    return {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
 
 
 def _fmt_keys(keys) -> str:
@@ -190,7 +190,7 @@ def flax_to_torch(model: nnx.Module, params: Mapping | None = None, *,
     been merged away first. ``style`` picks ``weight_g/weight_v`` ("legacy", what RVC
     writes) or ``parametrizations.weight.original0/1``."""
     flat = flatten(params) if params is not None else _base_params(model)
-    if any(p.rsplit("/", 1)[-1] in LORA_KEYS for p in flat):
+    if any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in flat):
         raise ValueError("params contain adapter leaves; merge them first (rvclora_jax.lora.merge)")
     gname, vname = {"legacy": (LEGACY_G, LEGACY_V), "parametrizations": (NEW_G, NEW_V)}[style]
     out: dict[str, np.ndarray] = {}

@@ -160,7 +160,8 @@ def _cmd_train(args) -> int:
     else:
         d = multi_period_discriminator(gfile.version, nnx.Rngs(args.seed + 1))
         print(f"no --base-d: the {gfile.version} discriminator starts from random weights (trained fully)")
-    lcfg = lora.LoRAConfig.from_preset(args.targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout)
+    lcfg = lora.LoRAConfig.from_preset(args.targets, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                       train_embeddings=("emb_g",) if args.train_speaker else ())
     tcfg = TrainConfig(batch_size=args.batch_size, segment_frames=args.segment_frames or default_segment_frames(g),
                        lr=args.lr, lr_d=args.lr_d, seed=args.seed)
     rcfg = RunConfig(data_dir=args.data, run_dir=args.out, lora=lcfg, train=tcfg, steps=args.steps,
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--sid", type=int, default=None,
                     help="speaker row of the base to train as (default: the ids in the data, usually 0)")
+    tr.add_argument("--train-speaker", action="store_true",
+                    help="also train the speaker embedding (a full-size delta of emb_g stored with the adapter)")
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)

@@ -370,3 +370,37 @@ class ConvTranspose1d(_Adaptable):
 
 
 ADAPTABLE_LAYERS = (Dense, Conv1d, ConvTranspose1d)
+
+
+class Embed(nnx.Module):
+    """``torch.nn.Embedding`` (``embedding [num, dim]``) with an optional trainable delta.
+
+    ``add_delta()`` attaches ``lora_delta``, a zero-initialised full-size
+    :class:`LoRAParam` added to the table. It is PEFT's ``modules_to_save`` for RVC's
+    speaker embedding ``emb_g``: the table is tiny (109×256), only the rows of the
+    speakers seen in training get gradients, and merging is an exact addition."""
+
+    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.num_embeddings, self.features = num_embeddings, features
+        seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint64)
+        table = np.random.default_rng([int(x) for x in seed.ravel()]).standard_normal((num_embeddings, features))
+        self.embedding = nnx.Param(jnp.asarray(table, param_dtype))  # torch: N(0, 1)
+        self.lora_delta = nnx.data(None)
+
+    @property
+    def has_delta(self) -> bool:
+        return self.lora_delta is not None
+
+    def add_delta(self) -> None:
+        if self.has_delta:
+            raise ValueError("Embed already has a delta")
+        self.lora_delta = LoRAParam(jnp.zeros_like(self.embedding[...]))
+
+    def remove_delta(self) -> None:
+        self.lora_delta = nnx.data(None)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.embedding[...]
+        if self.has_delta:
+            table = table + self.lora_delta[...]
+        return jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)

@@ -43,13 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .layers import ADAPTABLE_LAYERS, ConvTranspose1d, Conv1d, Dense, LoRAParam, delta_kernel, lora_scaling
+from .layers import ADAPTABLE_LAYERS, ConvTranspose1d, Conv1d, Dense, Embed, LoRAParam, delta_kernel, lora_scaling
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT = "rvclora-adapter"
 ADAPTER_FORMAT_VERSION = 1
 LORA_KEYS = ("lora_a", "lora_b")
+DELTA_KEY = "lora_delta"  # full-size additive delta of an embedding table (modules_to_save)
+ADAPTER_LEAVES = LORA_KEYS + (DELTA_KEY,)
 
 # ---------------------------------------------------------------------------------
 # Presets. Paths follow RVC's state_dict names with "." replaced by "/".
@@ -102,10 +104,14 @@ class LoRAConfig:
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     preset: str | None = DEFAULT_PRESET
+    # Embedding tables (paths, e.g. ("emb_g",)) that get a trainable full-size delta:
+    # PEFT's modules_to_save for RVC's speaker embedding, merged by exact addition.
+    train_embeddings: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "train_embeddings", tuple(self.train_embeddings))
         object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern))
         if self.alpha is None:
@@ -155,6 +161,7 @@ class LoRAConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+        d["train_embeddings"] = list(self.train_embeddings)
         d["rank_pattern"] = dict(self.rank_pattern)
         d["alpha_pattern"] = dict(self.alpha_pattern)
         return d
@@ -229,6 +236,13 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
             layer.add_lora(config.rank_for(path), config.alpha_for(path), rngs=rngs,
                            dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
             done.append(path)
+        embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
+        for path in config.train_embeddings:
+            if path not in embeds:
+                raise ValueError(f"train_embeddings: the model has no embedding table at {path!r} "
+                                 f"(have {sorted(embeds)})")
+            embeds[path].add_delta()
+            done.append(path)
     except BaseException:
         _remove_adapters(model, done)
         raise
@@ -240,9 +254,12 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
 
 
 def _remove_adapters(model: nnx.Module, paths: Iterable[str]) -> None:
-    layers = dict(iter_lora_layers(model))
+    mods = {path_str(p): m for p, m in nnx.iter_modules(model)}
     for p in paths:
-        layers[p].remove_lora()
+        if isinstance(mods[p], Embed):
+            mods[p].remove_delta()
+        else:
+            mods[p].remove_lora()
 
 
 def adapter_state(model: nnx.Module) -> nnx.State:
@@ -269,7 +286,7 @@ def merge_model(model: nnx.Module, scale: float = 1.0) -> dict:
 def partition(params: Mapping) -> tuple[dict, dict]:
     """Split a tree into ``(adapter, base)``; adapter leaves are ``.../lora_a|lora_b``."""
     flat = flatten(params)
-    adapter = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in LORA_KEYS}
+    adapter = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES}
     base = {p: v for p, v in flat.items() if p not in adapter}
     return unflatten(adapter), unflatten(base)
 
@@ -289,14 +306,21 @@ def adapter_layers(adapter: Mapping) -> dict[str, tuple[Any, Any]]:
     layers: dict[str, dict] = {}
     for p, v in flat.items():
         layer, leaf = p.rsplit("/", 1)
+        if leaf == DELTA_KEY:
+            continue  # embedding deltas: see adapter_deltas()
         if leaf not in LORA_KEYS:
-            raise ValueError(f"unexpected adapter key {p} (expected .../lora_a or .../lora_b)")
+            raise ValueError(f"unexpected adapter key {p} (expected .../lora_a, .../lora_b or .../{DELTA_KEY})")
         layers.setdefault(layer, {})[leaf] = v
     for layer, ab in layers.items():
         missing = [k for k in LORA_KEYS if k not in ab]
         if missing:
             raise ValueError(f"adapter for {layer} lacks {missing[0]}")
     return {k: (v["lora_a"], v["lora_b"]) for k, v in layers.items()}
+
+
+def adapter_deltas(adapter: Mapping) -> dict[str, Any]:
+    """``{embedding_path: delta}`` for the full-size embedding deltas of an adapter tree."""
+    return {p.rsplit("/", 1)[0]: v for p, v in flatten(adapter).items() if p.rsplit("/", 1)[-1] == DELTA_KEY}
 
 
 def _scalings(adapter_ls: Mapping[str, tuple], config: LoRAConfig | Mapping[str, float]) -> dict[str, float]:
@@ -316,8 +340,17 @@ def _scalings(adapter_ls: Mapping[str, tuple], config: LoRAConfig | Mapping[str,
 
 def _apply_delta(params: Mapping, adapter: Mapping, config, scale: float, sign: float) -> dict:
     flat = dict(flatten(params))
-    if any(p.rsplit("/", 1)[-1] in LORA_KEYS for p in flat):
+    if any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in flat):
         raise ValueError("params still contain adapter leaves; pass the base from partition()")
+    for path, dv in adapter_deltas(adapter).items():
+        ep = f"{path}/embedding"
+        if ep not in flat:
+            raise KeyError(f"adapter delta {path} has no base table {ep} in the params")
+        w = flat[ep]
+        if tuple(np.shape(dv)) != tuple(np.shape(w)):
+            raise ValueError(f"adapter {path}: delta shape {tuple(np.shape(dv))} != table shape {tuple(np.shape(w))}")
+        flat[ep] = (jnp.asarray(w, jnp.float32) + sign * scale * jnp.asarray(dv, jnp.float32)).astype(
+            jnp.asarray(w).dtype)
     ls = adapter_layers(adapter)
     scal = _scalings(ls, config)
     for path, (a, b) in ls.items():
@@ -405,6 +438,10 @@ def summarize(model: nnx.Module) -> Summary:
         rows.append(LayerRow(path, type(layer).__name__, tuple(layer.kernel.shape), layer.lora_rank,
                              layer.lora_alpha, layer.lora_scaling, base,
                              _size(layer.lora_a) + _size(layer.lora_b)))
+    for p, m in nnx.iter_modules(model):
+        if isinstance(m, Embed) and m.has_delta:
+            n = _size(m.embedding)
+            rows.append(LayerRow(path_str(p), "Embed (delta)", tuple(m.embedding.shape), 0, 0.0, 1.0, n, n))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     total = sum(_size(x) for x in leaves)
     trainable = sum(_size(x) for x in jax.tree.leaves(adapter_state(model)))
@@ -426,7 +463,7 @@ def fingerprint(base: Mapping, *, with_weights: bool = True) -> dict[str, str]:
     # enc_q only serves training and RVC strips it from inference models, so it is left
     # out: an adapter trained on a full G applies to the small model of the same base.
     flat = {p: v for p, v in flatten(base).items()
-            if p.rsplit("/", 1)[-1] not in LORA_KEYS and not p.startswith("enc_q/")}
+            if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES and not p.startswith("enc_q/")}
     hs = hashlib.sha256()
     hw = hashlib.sha256()
     for p in sorted(flat):
@@ -593,9 +630,25 @@ def _check_layers_fit(model: nnx.Module, adapter: Adapter) -> None:
         if want != have:
             raise ValueError(f"{adapter.directory}: {_dotted(path)} was made for a kernel of shape {want}, "
                              f"the model's is {have} (adapter made for another model?)")
+    embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
+    for path, dv in adapter_deltas(adapter.params).items():
+        if path not in embeds:
+            raise ValueError(f"{adapter.directory}: adapter has a delta for {_dotted(path)}, which is not an "
+                             f"embedding table of the model")
+        if tuple(np.shape(dv)) != tuple(embeds[path].embedding.shape):
+            raise ValueError(f"{adapter.directory}: {_dotted(path)}.{DELTA_KEY} has shape {tuple(np.shape(dv))}, "
+                             f"the model's table is {tuple(embeds[path].embedding.shape)}")
 
 
 def _fill_adapter(model: nnx.Module, adapter: Adapter, paths: list[str]) -> None:
+    embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
+    deltas = adapter_deltas(adapter.params)
+    if set(deltas) != set(adapter.config.train_embeddings):
+        raise ValueError(f"{adapter.directory}: embedding deltas {sorted(deltas)} do not match the config's "
+                         f"train_embeddings {list(adapter.config.train_embeddings)}")
+    for path, dv in deltas.items():
+        embeds[path].lora_delta[...] = jnp.asarray(dv, embeds[path].lora_delta.dtype)
+    paths = [p for p in paths if p not in deltas]
     saved = adapter_layers(adapter.params)
     layers = dict(iter_lora_layers(model))
     unexpected = sorted(set(saved) - set(paths))

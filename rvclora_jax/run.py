@@ -62,7 +62,10 @@ def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_fram
         if not 0 <= it.sid < n_spk:
             raise ValueError(f"{it.wav}: speaker id {it.sid} is outside the base's {n_spk} speaker rows; "
                              f"pass --sid to pick one")
-    cache = os.path.join(data_dir, ".rvclora_cache") if os.access(data_dir, os.W_OK) else None
+    # Spectrogram cache beside the data (as RVC's .spec.pt), never inside the installed package.
+    inside_pkg = os.path.abspath(data_dir).startswith(os.path.dirname(os.path.abspath(data_mod.__file__)))
+    cache = (os.path.join(data_dir, ".rvclora_cache")
+             if os.access(data_dir, os.W_OK) and not inside_pkg else None)
     loaded = data_mod.load_items(items, g.config.sr, cache_dir=cache)
     lengths = [d["spec"].shape[0] for d in loaded]
     buckets = auto_buckets([n for n in lengths if n >= segment_frames] or lengths)

@@ -16,7 +16,12 @@ from convert.pth import RVCFile, RVCFileError, load_rvc_file, to_flax
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, randomize_, t2j
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_torch_grad():
+    """Reference forwards only; restore autograd for the other test modules."""
+    with torch.no_grad():
+        yield
 
 # A narrow model with RVC's exact v2 48k structure for the inference-model files (their
 # config list drives the build, so the width need not be a preset's).

@@ -14,7 +14,12 @@ from rvclora_jax.models import synthesizer as S
 from rvclora_jax.params import load_params
 from tests.torch_ref import assert_close, randomize_, state_dict_np, t2j
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_torch_grad():
+    """Reference forwards only; restore autograd for the other test modules."""
+    with torch.no_grad():
+        yield
 
 # A narrow model with RVC's exact structure (v2 48k schedule, f0) keeps this fast.
 CFG = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
@@ -105,3 +110,40 @@ def test_unmerge_restores_base_weights():
     assert fb.keys() == fr.keys()
     for k in fb:
         np.testing.assert_allclose(np.asarray(fr[k]), np.asarray(fb[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_speaker_embedding_delta_trains_one_row_and_merges_exactly(tmp_path):
+    """train_embeddings=("emb_g",): a full-size delta of the speaker table (modules_to_save)."""
+    model = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(0), with_enc_q=False)
+    base = lora.partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1]
+    cfg = lora.LoRAConfig.from_preset("ups", rank=2, train_embeddings=("emb_g",))
+    assert "emb_g" in lora.inject(model, cfg, rngs=nnx.Rngs(1))
+    T = 10
+    x = (jnp.ones((1, T, 768)), jnp.array([T]), jnp.full((1, T), 60, jnp.int32), jnp.full((1, T), 150.0),
+         jnp.array([2]))
+    y0 = model.infer(*x)[0]
+    graphdef, adapter, rest = nnx.split(model, lora.LoRAParam, ...)
+
+    def loss(ad):
+        return jnp.sum(nnx.merge(graphdef, ad, rest).infer(*x)[0] ** 2)
+
+    grads = jax.grad(loss)(adapter)
+    gd = np.asarray(nnx.to_pure_dict(grads)["emb_g"]["lora_delta"])
+    assert np.abs(gd[2]).max() > 0 and np.abs(np.delete(gd, 2, axis=0)).max() == 0  # only row sid=2
+    model.emb_g.lora_delta[...] = model.emb_g.lora_delta[...].at[2].set(0.5)
+    y1 = model.infer(*x)[0]
+    assert np.abs(np.asarray(y1 - y0)).max() > 1e-4
+    ad = nnx.to_pure_dict(nnx.state(model, lora.LoRAParam))
+    merged = lora.merge(base, ad, cfg)
+    np.testing.assert_array_equal(np.asarray(merged["emb_g"]["embedding"])[2],
+                                  np.asarray(base["emb_g"]["embedding"])[2] + np.float32(0.5))
+    plain = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(7), with_enc_q=False)
+    load_params(plain, merged)
+    assert_close(plain.infer(*x)[0], y1, atol=1e-5, name="merged speaker delta")
+    lora.save_adapter(str(tmp_path), ad, cfg, base_fingerprint=lora.fingerprint(base))
+    fresh = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(0), with_enc_q=False)
+    lora.apply_adapter(fresh, lora.load_adapter(str(tmp_path)))
+    np.testing.assert_array_equal(np.asarray(fresh.infer(*x)[0]), np.asarray(y1))
+    back = lora.unmerge(merged, ad, cfg)
+    np.testing.assert_allclose(np.asarray(back["emb_g"]["embedding"]), np.asarray(base["emb_g"]["embedding"]),
+                               atol=1e-6)

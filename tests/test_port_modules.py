@@ -16,7 +16,12 @@ from rvclora_jax.models import modules as M
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, j2t, load_torch_into, randomize_, t2j
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_torch_grad():
+    """Reference forwards only; restore autograd for the other test modules."""
+    with torch.no_grad():
+        yield
 
 
 def _mask(lengths, T):

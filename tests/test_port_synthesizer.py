@@ -11,7 +11,12 @@ from convert.state_dict import StateDictError, flax_to_torch, torch_to_flax
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, load_torch_into, randomize_, state_dict_np, t2j
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_torch_grad():
+    """Reference forwards only; restore autograd for the other test modules."""
+    with torch.no_grad():
+        yield
 
 CLASSES = {
     ("v1", True): rvc_models.SynthesizerTrnMs256NSFsid,

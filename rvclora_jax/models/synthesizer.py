@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..layers import Conv1d
+from ..layers import Conv1d, Embed
 from .commons import sequence_mask
 from .generator import Generator
 from .modules import WN, Flip, ResidualCouplingLayer
@@ -203,7 +203,7 @@ class Synthesizer(nnx.Module):
                       if with_enc_q else nnx.data(None))
         self.flow = ResidualCouplingBlock(c.inter_channels, c.hidden_channels, 5, 1, 3,
                                           gin_channels=c.gin_channels, rngs=rngs)
-        self.emb_g = nnx.Embed(c.spk_embed_dim, c.gin_channels, rngs=rngs)
+        self.emb_g = Embed(c.spk_embed_dim, c.gin_channels, rngs=rngs)
 
     @property
     def hop_length(self) -> int:
