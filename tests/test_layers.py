@@ -486,3 +486,28 @@ def test_grouped_conv_gradients_match_torch_autograd(groups, stride, k):
     (ty * torch.tensor(gy.transpose(0, 2, 1))).sum().backward()
     np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gk), tw.grad.numpy().transpose(2, 1, 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ci,co,k,stride,padding,dilation,T", [
+    (8, 6, 5, 1, 2, 1, 30), (8, 6, 5, 1, 6, 3, 30), (8, 6, 3, 1, "same", 5, 31), (8, 6, 4, 1, "same", 3, 31),
+    (1, 6, 80, 40, 20, 1, 400),  # RVC noise_convs.0 at 40k
+    (8, 6, 5, 3, 2, 1, 64), (8, 6, 5, 3, 2, 1, 65),  # DiscriminatorP, lengths with and without a tail
+    (8, 6, 4, 2, 0, 1, 33), (8, 6, 3, 1, 0, 1, 20), (8, 6, 5, 2, (3, 0), 1, 23)])
+def test_conv_gradients_match_torch_autograd(ci, co, k, stride, padding, dilation, T):
+    """Conv1d's custom input gradient (flipped-kernel conv / polyphase) against torch."""
+    import torch
+
+    layer = Conv1d(ci, co, k, stride=stride, padding=padding, dilation=dilation, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, T, ci)).astype(np.float32)
+    gy = rng.standard_normal(np.asarray(layer(jnp.asarray(x))).shape).astype(np.float32)
+    gp, gx = jax.jit(jax.grad(lambda p, xx: jnp.sum(nnx.merge(graphdef, p)(xx) * gy), argnums=(0, 1)))(
+        params, jnp.asarray(x))
+    tx = torch.tensor(x.transpose(0, 2, 1), requires_grad=True)
+    tw = torch.tensor(np.asarray(layer.kernel[...]).transpose(2, 1, 0), requires_grad=True)
+    pl, pr = layer.padding
+    ty = torch.nn.functional.conv1d(torch.nn.functional.pad(tx, (pl, pr)), tw, stride=stride, dilation=dilation)
+    (ty * torch.tensor(gy.transpose(0, 2, 1))).sum().backward()
+    np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gp["kernel"][...]), tw.grad.numpy().transpose(2, 1, 0), rtol=1e-4, atol=1e-4)
