@@ -171,8 +171,11 @@ def _cmd_train(args) -> int:
     res = run(g, d, rcfg, base_fingerprint=base_fp, metadata={"base": os.path.abspath(args.base)})
     recs = res["metrics"]
     if recs:
-        print(f"step {recs[-1]['step']}: mel {recs[-1]['mel']:.3f} (first logged {recs[0]['mel']:.3f}), "
-              f"kl {recs[-1]['kl']:.3f}, loss_d {recs[-1]['loss_d']:.3f}")
+        k = max(1, min(5, len(recs) // 3))
+        first = sum(r["mel"] for r in recs[:k]) / k
+        last = sum(r["mel"] for r in recs[-k:]) / k
+        print(f"step {recs[-1]['step']}: mel L1 x45 (mean of the first / last {k} logged steps) "
+              f"{first:.2f} -> {last:.2f}; kl {recs[-1]['kl']:.2f}, loss_d {recs[-1]['loss_d']:.2f}")
     if res["interrupted"]:
         print(f"interrupted at step {res['step']}: checkpoint saved; continue with --resume")
         return 130
