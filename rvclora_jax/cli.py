@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rvclora", description="Exact LoRA fine-tuning of RVC voice models in JAX.")
     p.add_argument("--version", action="version", version=f"rvclora-jax {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from .adapters import add_adapters_parser
+
+    add_adapters_parser(sub)
 
     ex = sub.add_parser("example", help="adapt a built-in random-weight RVC model end to end and verify the merge")
     ex.add_argument("--out", default="example_out", help="output directory (default: example_out)")
