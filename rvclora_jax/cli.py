@@ -166,7 +166,8 @@ def _cmd_train(args) -> int:
                        lr=args.lr, lr_d=args.lr_d, seed=args.seed)
     rcfg = RunConfig(data_dir=args.data, run_dir=args.out, lora=lcfg, train=tcfg, steps=args.steps,
                      epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
-                     resume=args.resume, progress=not args.no_progress, sid=args.sid)
+                     resume=args.resume, progress=not args.no_progress, sid=args.sid,
+                     sample_every=args.sample_every, val_fraction=args.val_fraction)
     base_fp = lora.fingerprint(lora.partition(g_params)[1])
     res = run(g, d, rcfg, base_fingerprint=base_fp, metadata={"base": os.path.abspath(args.base)})
     recs = res["metrics"]
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .adapters import add_adapters_parser
 
     add_adapters_parser(sub)
+    from .render import add_render_parser
+
+    add_render_parser(sub)
 
     ex = sub.add_parser("example", help="adapt a built-in random-weight RVC model end to end and verify the merge")
     ex.add_argument("--out", default="example_out", help="output directory (default: example_out)")
@@ -255,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speaker row of the base to train as (default: the ids in the data, usually 0)")
     tr.add_argument("--train-speaker", action="store_true",
                     help="also train the speaker embedding (a full-size delta of emb_g stored with the adapter)")
+    tr.add_argument("--sample-every", type=int, default=None,
+                    help="render a held-out sample + mel PNG and log val_mel every N steps (default: --save-every)")
+    tr.add_argument("--val-fraction", type=float, default=0.1,
+                    help="fraction of clips held out for validation (at least 1 when there are >= 4 clips)")
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)

@@ -37,6 +37,8 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     sid: int | None = None  # train every clip as this speaker row of the base (emb_g)
+    sample_every: int | None = None  # render the held-out clip + log val_mel every N steps (default save_every)
+    val_fraction: float = 0.1  # held out from training when the data has >= 4 clips (at least 1 clip)
 
 
 def auto_buckets(lengths: list[int], step: int = 50, max_shapes: int = 3) -> tuple[int, ...]:
@@ -50,8 +52,25 @@ def default_segment_frames(g: Synthesizer) -> int:
     return TRAIN_SEGMENT_SAMPLES.get(key, 12800) // g.config.hop_length
 
 
-def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
-                    sid: int | None = None):
+def split_validation(items, fraction: float) -> tuple[list[int], list[int]]:
+    """Deterministic hold-out: ``round(n·fraction)`` clips (at least 1) when there are ≥ 4
+    clips and ``fraction > 0``, evenly spread over the clips sorted by file path (so the
+    choice does not depend on the seed or the scan order). Returns (train, val) indices."""
+    n = len(items)
+    if n < 4 or not fraction or fraction <= 0:
+        return list(range(n)), []
+    if fraction >= 1:
+        raise ValueError(f"val_fraction must be < 1, got {fraction}")
+    k = min(max(1, int(round(n * fraction))), n - 1)
+    order = sorted(range(n), key=lambda i: os.path.abspath(items[i].wav))
+    picks = sorted({order[int(j)] for j in np.linspace(0, n - 1, k + 2)[1:-1].round()})
+    val = set(picks)
+    return [i for i in range(n) if i not in val], picks
+
+
+def prepare_data(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
+                 sid: int | None = None, val_fraction: float = 0.0):
+    """(training batches, held-out items, their loaded data); see :func:`split_validation`."""
     items = data_mod.scan_experiment(data_dir, version=g.version, f0=g.f0, sr=g.config.sr)
     n_spk = g.config.spk_embed_dim
     if sid is not None:
@@ -67,9 +86,86 @@ def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_fram
     cache = (os.path.join(data_dir, ".rvclora_cache")
              if os.access(data_dir, os.W_OK) and not inside_pkg else None)
     loaded = data_mod.load_items(items, g.config.sr, cache_dir=cache)
+    train_idx, val_idx = split_validation(items, val_fraction)
+    val_items, val_data = [items[i] for i in val_idx], [loaded[i] for i in val_idx]
+    items, loaded = [items[i] for i in train_idx], [loaded[i] for i in train_idx]
     lengths = [d["spec"].shape[0] for d in loaded]
     buckets = auto_buckets([n for n in lengths if n >= segment_frames] or lengths)
-    return data_mod.Batches(items, batch_size, segment_frames, seed=seed, buckets=buckets, data=loaded)
+    batches = data_mod.Batches(items, batch_size, segment_frames, seed=seed, buckets=buckets, data=loaded)
+    return batches, val_items, val_data
+
+
+def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
+                    sid: int | None = None):
+    return prepare_data(g, data_dir, batch_size, segment_frames, seed, sid=sid)[0]
+
+
+class Validator:
+    """Held-out clips rendered with the live generator (noise 0): a sample WAV + mel PNG of
+    the first clip and ``val_mel`` (mel L1 ×45 vs the clips' own spectrogram, the mean over
+    clips) for all. One jit-compiled render and one jit-compiled mel are reused."""
+
+    def __init__(self, g: Synthesizer, items, data: list[dict], run_dir: str):
+        from . import render as R
+        from .audio import MelConfig
+
+        self.g, self.items, self.run_dir = g, list(items), run_dir
+        self.mel = MelConfig.for_rate(g.config.sr)
+        self.hop = g.config.hop_length
+        self.inputs = [{"phone": d["phone"], "pitch": d["pitch"], "pitchf": d["pitchf"],
+                        "length": int(d["phone"].shape[0]), "name": it.name} for it, d in zip(items, data)]
+        self.sids = np.array([d["sid"] for d in data], np.int32)
+        T = max(x["length"] for x in self.inputs)
+        spec = np.zeros((len(data), T, self.mel.n_freq), np.float32)
+        for i, d in enumerate(data):
+            spec[i, : d["spec"].shape[0]] = d["spec"]
+        self.lengths = np.array([x["length"] for x in self.inputs], np.int32)
+        self.target = np.asarray(jax.jit(self.mel.spec_to_mel)(spec))  # [B, T, n_mels]
+        self._mel_fn = jax.jit(self.mel.mel)
+        self._render = R.render_arrays
+        self._write_wav = R.write_wav
+
+    def __call__(self, step: int) -> dict:
+        outs = self._render(self.g, self.inputs, sid=self.sids, noise_scale=0.0)
+        B, T = self.target.shape[:2]
+        y = np.zeros((B, T * self.hop), np.float32)
+        for i, o in enumerate(outs):
+            y[i, : len(o)] = o
+        gen = np.asarray(self._mel_fn(jax.numpy.asarray(y)))[:, :T]
+        losses = []
+        for i, n in enumerate(self.lengths):
+            losses.append(float(np.mean(np.abs(gen[i, :n] - self.target[i, :n]))) * 45.0)
+        val_mel = float(np.mean(losses))
+        d = os.path.join(self.run_dir, "samples")
+        os.makedirs(d, exist_ok=True)
+        stem = os.path.join(d, f"step_{step:06d}")
+        self._write_wav(stem + ".wav", outs[0], self.g.config.sr)
+        n0 = int(self.lengths[0])
+        _plot_mels(self.target[0, :n0], gen[0, :n0], stem + ".png",
+                   f"{self.items[0].name}, step {step}: val mel L1 ×45 {losses[0]:.2f}", self.hop / self.g.config.sr)
+        return {"step": int(step), "val_mel": val_mel}
+
+
+def _plot_mels(target: np.ndarray, gen: np.ndarray, png_path: str, title: str, frame_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lo, hi = float(min(target.min(), gen.min())), float(max(target.max(), gen.max()))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    ext = (0, target.shape[0] * frame_s, 0, target.shape[1])
+    for ax, m, name in ((axes[0], target, "target (held-out clip)"), (axes[1], gen, "generated (noise 0)")):
+        im = ax.imshow(m.T, origin="lower", aspect="auto", extent=ext, vmin=lo, vmax=hi, cmap="magma")
+        ax.set_title(name)
+        ax.set_xlabel("s")
+    axes[0].set_ylabel("mel bin")
+    fig.colorbar(im, ax=axes, label="log mel")
+    fig.suptitle(title, fontsize=9)
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)
 
 
 def plot_losses(metrics_path: str, png_path: str) -> None:
@@ -82,12 +178,13 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     recs = [json.loads(line) for line in open(metrics_path) if line.strip()]
     if not recs:
         return
-    steps = [r["step"] for r in recs]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, keys, title in ((axes[0], ("mel",), "mel L1 ×45"), (axes[1], ("loss_g", "kl"), "generator"),
                             (axes[2], ("loss_d", "adv", "fm"), "adversarial")):
         for k in keys:
-            ax.plot(steps, [r[k] for r in recs], label=k)
+            pts = [(r["step"], r[k]) for r in recs if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k)
             if any("val_" + k in r for r in recs):
                 vs = [(r["step"], r["val_" + k]) for r in recs if "val_" + k in r]
                 ax.plot(*zip(*vs), "o-", label="val " + k)
@@ -111,27 +208,49 @@ def run(g: Synthesizer, d: nnx.Module, cfg: RunConfig, *, base_fingerprint: dict
     if not any(layer.has_lora for _, layer in lora.iter_lora_layers(g)):
         lora.inject(g, cfg.lora, rngs=nnx.Rngs(cfg.train.seed))
     summary = lora.summarize(g)
-    batches = prepare_batches(g, cfg.data_dir, cfg.train.batch_size, cfg.train.segment_frames, cfg.train.seed,
-                              sid=cfg.sid)
+    batches, val_items, val_data = prepare_data(g, cfg.data_dir, cfg.train.batch_size, cfg.train.segment_frames,
+                                                cfg.train.seed, sid=cfg.sid, val_fraction=cfg.val_fraction)
     spe = len(batches)
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * spe
     log(f"data: {len(batches.items)} clips from {cfg.data_dir}, {spe} batches/epoch of {cfg.train.batch_size}, "
-        f"padded lengths {batches.shapes}, segment {cfg.train.segment_frames} frames")
+        f"padded lengths {batches.shapes}, segment {cfg.train.segment_frames} frames"
+        + (f"; held out for validation: {', '.join(it.name for it in val_items)}" if val_items else ""))
     log(f"adapter: {len(summary.rows)} layers, {summary.trainable_params:,} params "
         f"({summary.trainable_percent:.2f}% of the generator); devices: {jax.device_count()} "
         f"{jax.devices()[0].platform}")
     trainer = Trainer(g, d, cfg.train, steps_per_epoch=spe)
+    metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
+    validator = Validator(g, val_items, val_data, cfg.run_dir) if val_items else None
+    sample_every = cfg.sample_every or cfg.save_every
+    validated = set()
+
+    def validate(state, step):
+        # the live generator gets the current adapter (run() does the same at the end)
+        nnx.update(g, jax.device_get(state["g"]))
+        rec = validator(step)
+        with open(metrics, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        validated.add(step)
+        log(f"step {step}: val_mel {rec['val_mel']:.3f} (sample in {os.path.join(cfg.run_dir, 'samples')})")
+
+    def on_step(state, step):
+        if validator is not None and step % sample_every == 0 and step < total:
+            validate(state, step)
+
     res = train_loop(trainer, batches, total_steps=total, run_dir=cfg.run_dir, save_every=cfg.save_every,
-                     keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress)
+                     keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
+                     on_step=on_step)
     trainer.load_into_models(res.state)
+    if validator is not None and res.step not in validated and res.step > 0:
+        validate(res.state, res.step)
     adapter = nnx.to_pure_dict(nnx.state(g, lora.LoRAParam))
     meta = {"version": g.version, "sr": g.config.sr, "f0": g.f0, "steps": res.step,
             "data": os.path.abspath(cfg.data_dir), "train": dataclasses.asdict(cfg.train)}
     meta.update(metadata or {})
     lora.save_adapter(cfg.run_dir, adapter, cfg.lora, base_fingerprint=fp, metadata=meta)
-    metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
     png = os.path.join(cfg.run_dir, "loss.png")
     if os.path.exists(metrics):
         plot_losses(metrics, png)
     return {"step": res.step, "interrupted": res.interrupted, "metrics": res.metrics, "summary": summary,
-            "adapter_dir": cfg.run_dir, "loss_png": png, "batches": batches, "trainer": trainer}
+            "adapter_dir": cfg.run_dir, "loss_png": png, "batches": batches, "trainer": trainer,
+            "val_items": val_items}

@@ -277,13 +277,14 @@ class LoopResult:
 def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, save_every: int = 500,
                keep: int = 3, log_every: int = 10, resume: bool = False, progress: bool = True,
                on_log: Callable[[dict], None] | None = None, on_save: Callable[[dict, int], None] | None = None,
-               stop_at: int | None = None) -> LoopResult:
+               stop_at: int | None = None, on_step: Callable[[dict, int], None] | None = None) -> LoopResult:
     """Run (or resume) training to ``total_steps`` with checkpoints in ``run_dir/checkpoints``.
 
     ``batches`` is a :class:`rvclora_jax.data.Batches` (``len()`` batches per epoch,
     ``iterate(epoch, start)``). Metrics go to ``run_dir/metrics.jsonl``. SIGINT/SIGTERM
     (Ctrl-C) saves a checkpoint and returns with ``interrupted=True``. ``stop_at`` stops
-    early at that step without a final save (for tests of resumption)."""
+    early at that step without a final save (for tests of resumption). ``on_step(state, step)``
+    runs after every step (before the next one donates ``state``)."""
     from .data import prefetch
 
     os.makedirs(run_dir, exist_ok=True)
@@ -359,6 +360,8 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                             ckpts.save(state, meta_for(step))
                             if on_save:
                                 on_save(state, step)
+                        if on_step:
+                            on_step(state, step)
                 finally:
                     feed.close()
                 if stop_at is not None and step >= stop_at:

@@ -109,24 +109,34 @@ class Generator(nnx.Module):
             self.noise_convs = nnx.data(None)
 
     def __call__(self, x: jax.Array, f0: jax.Array | None = None, g: jax.Array | None = None,
-                 *, source_noise: jax.Array | None = None) -> jax.Array:
+                 *, source_noise: jax.Array | None = None, x_mask: jax.Array | None = None) -> jax.Array:
+        """``x_mask`` (``[B, T, 1]``, optional; RVC has none): zero every activation past each
+        row's length before each convolution, so each row of a padded batch renders
+        exactly as it would alone (RVC renders one utterance at a time). Without it a
+        padded row's last samples see the padding, as in RVC's own batched ``infer``."""
+        def mask_at(y):
+            if x_mask is None:
+                return y
+            return y * jnp.repeat(x_mask, y.shape[1] // x_mask.shape[1], axis=1)
+
         if self.nsf:
             if f0 is None:
                 raise ValueError("GeneratorNSF needs f0")
             if source_noise is None:  # deterministic: no noise in the excitation
                 source_noise = jnp.zeros((x.shape[0], x.shape[1] * self.upp, 1), jnp.float32)
-            har = self.m_source(f0, self.upp, source_noise)  # [B, T*upp, 1]
-        x = self.conv_pre(x)
+            har = mask_at(self.m_source(f0, self.upp, source_noise))  # [B, T*upp, 1]
+        x = self.conv_pre(mask_at(x))
         if g is not None:
             x = x + self.cond(g)
         for i in range(self.num_upsamples):
-            x = leaky_relu(x, LRELU_SLOPE)
+            x = mask_at(leaky_relu(x, LRELU_SLOPE))
             x = self.ups[i](x)
             if self.nsf:
                 x = x + self.noise_convs[i](har)
-            xs = self.resblocks[i * self.num_kernels](x)
+            m = None if x_mask is None else jnp.repeat(x_mask, x.shape[1] // x_mask.shape[1], axis=1)
+            xs = self.resblocks[i * self.num_kernels](x, m)
             for j in range(1, self.num_kernels):
-                xs = xs + self.resblocks[i * self.num_kernels + j](x)
+                xs = xs + self.resblocks[i * self.num_kernels + j](x, m)
             x = xs / self.num_kernels
-        x = leaky_relu(x, 0.01)  # torch's default slope here, not 0.1
-        return jnp.tanh(self.conv_post(x))
+        x = mask_at(leaky_relu(x, 0.01))  # torch's default slope here, not 0.1
+        return mask_at(jnp.tanh(self.conv_post(x)))

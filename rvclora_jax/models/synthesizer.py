@@ -230,8 +230,11 @@ class Synthesizer(nnx.Module):
         return o, ids_slice, x_mask, y_mask, (z, z_p, m_p, logs_p, m_q, logs_q)
 
     def infer(self, phone, phone_lengths, pitch=None, nsff0=None, sid=None, *, eps=None,
-              noise_scale: float = INFER_NOISE_SCALE, source_noise=None):
-        """RVC ``infer``: returns ``(o [B, T·hop, 1], x_mask, (z, z_p, m_p, logs_p))``."""
+              noise_scale: float = INFER_NOISE_SCALE, source_noise=None, mask_decoder: bool = False):
+        """RVC ``infer``: returns ``(o [B, T·hop, 1], x_mask, (z, z_p, m_p, logs_p))``.
+
+        ``mask_decoder=True`` makes every row of a padded batch equal to rendering it alone
+        (see :class:`Generator`); the default reproduces RVC's batched ``infer``."""
         if sid is None:
             sid = jnp.zeros((phone.shape[0],), jnp.int32)
         g = self.speaker(sid)
@@ -239,7 +242,8 @@ class Synthesizer(nnx.Module):
         z_p = m_p if eps is None else m_p + jnp.exp(logs_p) * eps * noise_scale
         z_p = z_p * x_mask
         z = self.flow(z_p, x_mask, g, reverse=True)
-        o = self.dec(z * x_mask, nsff0 if self.f0 else None, g, source_noise=source_noise)
+        o = self.dec(z * x_mask, nsff0 if self.f0 else None, g, source_noise=source_noise,
+                     x_mask=x_mask if mask_decoder else None)
         return o, x_mask, (z, z_p, m_p, logs_p)
 
 
