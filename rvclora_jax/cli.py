@@ -187,7 +187,7 @@ def _cmd_train(args) -> int:
     print(f"  adapter.safetensors + adapter_config.json   the adapter ({res['summary'].trainable_params:,} params)")
     print(f"  model.pth                                   merged RVC inference model ({rep['bytes'] / 1e6:.1f} MB, "
           f"loads in RVC WebUI / Applio)")
-    print("  metrics.jsonl, loss.png, checkpoints/")
+    print("  metrics.jsonl, loss.png, samples/ (held-out renders + mel PNGs), checkpoints/")
     return 0
 
 
