@@ -43,7 +43,6 @@ def _batch(B, T, seed=0):
 
 
 def run_torch(B, T, steps):
-    import numpy as np
     import torch
     from rvc.lib.infer_pack import commons
     from rvc.lib.infer_pack.models import MultiPeriodDiscriminatorV2, SynthesizerTrnMs768NSFsid

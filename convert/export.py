@@ -33,6 +33,7 @@ from flax import nnx
 from convert.pth import RVCFile, RVCFileError, build_model, load_rvc_file, to_flax
 from convert.state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
 from rvclora_jax import lora
+from rvclora_jax.fileio import atomic_write
 from rvclora_jax.models.synthesizer import SynthConfig
 from rvclora_jax.params import load_params
 
@@ -252,21 +253,16 @@ def export(src: Source, out_path: str, *, adapter: str | None = None, scale: flo
                 "optimizer": _empty_adamw_state(len(tensors), lr), "learning_rate": lr}
     else:
         ckpt = {"model": tensors}
-    out_path = os.path.abspath(out_path)
-    d = os.path.dirname(out_path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-rvclora-", suffix=".pth", dir=d)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    out_path = atomic_write(out_path, lambda tmp: torch.save(ckpt, tmp), suffix=".pth")
     return {"path": out_path, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
             "keys": len(tensors), "adapter": ad.directory if ad else None, "scale": scale,
             "bytes": os.path.getsize(out_path)}
+
+
+def write_base_file(model: nnx.Module, path: str) -> str:
+    """Write a synthesizer's weights as an RVC pretrained-style ``{"model": state_dict}`` file."""
+    sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in flax_to_torch(model).items()}
+    return atomic_write(path, lambda tmp: torch.save({"model": sd}, tmp), suffix=".pth")
 
 
 __all__ = ["Source", "load_source", "convert_file", "export", "merge_adapter", "state_dict_for",

@@ -45,10 +45,9 @@ def _cmd_presets(args) -> int:
 
 
 def _torch_needed():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ValueError("reading and writing .pth files needs PyTorch: pip install 'rvclora-jax[torch]'") from None
+    from .fileio import require_torch
+
+    require_torch()
 
 
 def _cmd_inspect(args) -> int:
@@ -104,18 +103,13 @@ def _cmd_export(args) -> int:
 
 def _write_example_base(path: str, seed: int) -> None:
     """A randomly initialised v2 40k f0 base (RVC's real architecture) as ``{"model": sd}``."""
-    import torch
     from flax import nnx
 
-    from convert.state_dict import flax_to_torch
+    from convert.export import write_base_file
 
     from .models import synthesizer as S
 
-    model = S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed))
-    sd = {k: torch.from_numpy(v.copy()) for k, v in flax_to_torch(model).items()}
-    tmp = path + ".tmp"
-    torch.save({"model": sd}, tmp)
-    os.replace(tmp, path)
+    write_base_file(S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed)), path)
 
 
 def _cmd_train(args) -> int:

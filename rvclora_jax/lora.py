@@ -31,10 +31,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
-import tempfile
 import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -43,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .layers import ADAPTABLE_LAYERS, ConvTranspose1d, Conv1d, Dense, Embed, LoRAParam, delta_kernel, lora_scaling
+from .fileio import atomic_write
+from .layers import ADAPTABLE_LAYERS, Embed, LoRAParam, delta_kernel, lora_scaling
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -478,19 +477,6 @@ def fingerprint(base: Mapping, *, with_weights: bool = True) -> dict[str, str]:
     return out
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _dotted(path: str) -> str:
     return path.replace("/", ".")
 
@@ -518,9 +504,9 @@ def save_adapter(directory: str, adapter: Mapping, config: LoRAConfig, *,
     cfg["rvclora_version"] = __version__
     wpath = os.path.join(directory, ADAPTER_WEIGHTS)
     cpath = os.path.join(directory, ADAPTER_CONFIG)
-    _atomic_write(wpath, lambda t: save_file(tensors, t, metadata={"format": ADAPTER_FORMAT}))
+    atomic_write(wpath, lambda t: save_file(tensors, t, metadata={"format": ADAPTER_FORMAT}))
     # No sort_keys: rank_pattern / alpha_pattern are first-match-wins, so key order matters.
-    _atomic_write(cpath, lambda t: open(t, "w").write(json.dumps(cfg, indent=2) + "\n"))
+    atomic_write(cpath, lambda t: open(t, "w").write(json.dumps(cfg, indent=2) + "\n"))
     return directory
 
 

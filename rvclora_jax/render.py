@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 import wave
 from typing import Any, Sequence
 
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .fileio import atomic_write
 from .models.synthesizer import INFER_NOISE_SCALE
 
 F0_MIN, F0_MAX = 50.0, 1100.0
@@ -233,23 +233,15 @@ def write_wav(path: str, audio, sr: int) -> str:
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{path}: audio contains NaN or inf")
     pcm = np.rint(np.clip(a, -1.0, 1.0) * 32767.0).astype("<i2")
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-rvclora-", suffix=".wav", dir=d)
-    os.close(fd)
-    try:
+
+    def write(tmp):
         with wave.open(tmp, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(int(sr))
             w.writeframes(pcm.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write, suffix=".wav")
 
 
 def _stem(filename: str) -> str:
@@ -312,10 +304,9 @@ def collect_inputs(model, features: str, f0: str | None, *, f0_up_key: float = 0
 
 def _load_model(path: str, adapter: str | None, scale: float):
     """MODEL.pth | converted dir | RUN_DIR (adapter dir whose metadata names its base) → Synthesizer."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise ValueError("reading .pth files needs PyTorch: pip install 'rvclora-jax[torch]'") from None
+    from .fileio import require_torch
+
+    require_torch("reading .pth files")
     from convert.export import load_source, merge_adapter
 
     from . import lora

@@ -27,14 +27,12 @@ slice of the global batch (``jax.make_array_from_process_local_data``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
-import math
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -20,12 +20,7 @@ NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, fi
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rel_err(got, want):

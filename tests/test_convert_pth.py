@@ -17,11 +17,6 @@ from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, randomize_, t2j
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_torch_grad():
-    """Reference forwards only; restore autograd for the other test modules."""
-    with torch.no_grad():
-        yield
 
 # A narrow model with RVC's exact v2 48k structure for the inference-model files (their
 # config list drives the build, so the width need not be a preset's).
@@ -95,13 +90,7 @@ def flax_infer(model, inputs):
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Whole-model elementwise passes are ~5x slower with torch's thread pool on a busy 2-core box."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("no_torch_grad", "one_torch_thread")
 
 
 @pytest.fixture(scope="module")

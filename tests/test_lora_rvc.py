@@ -15,11 +15,7 @@ from rvclora_jax.params import load_params
 from tests.torch_ref import assert_close, randomize_, state_dict_np, t2j
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_torch_grad():
-    """Reference forwards only; restore autograd for the other test modules."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_torch_grad")
 
 # A narrow model with RVC's exact structure (v2 48k schedule, f0) keeps this fast.
 CFG = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,

@@ -1,8 +1,5 @@
 """Submodules of the port against RVC's own PyTorch classes (same weights, same noise)."""
 
-import math
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,14 +11,10 @@ from rvc.lib.infer_pack import modules as rvc_modules
 from rvclora_jax.models import generator as G
 from rvclora_jax.models import modules as M
 from rvclora_jax.models import synthesizer as S
-from tests.torch_ref import assert_close, j2t, load_torch_into, randomize_, t2j
+from tests.torch_ref import assert_close, load_torch_into, randomize_, t2j
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_torch_grad():
-    """Reference forwards only; restore autograd for the other test modules."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_torch_grad")
 
 
 def _mask(lengths, T):

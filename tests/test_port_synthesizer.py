@@ -12,11 +12,7 @@ from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, load_torch_into, randomize_, state_dict_np, t2j
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_torch_grad():
-    """Reference forwards only; restore autograd for the other test modules."""
-    with torch.no_grad():
-        yield
+pytestmark = pytest.mark.usefixtures("no_torch_grad")
 
 CLASSES = {
     ("v1", True): rvc_models.SynthesizerTrnMs256NSFsid,

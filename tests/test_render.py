@@ -21,12 +21,7 @@ NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, fi
 HOP = NARROW.hop_length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_inference_pth(path, f0: bool, seed=0, cfg=NARROW):
