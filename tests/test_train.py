@@ -285,8 +285,11 @@ def test_cli_train_example_writes_adapter_metrics_plot_and_exact_merged_model(tm
     assert p.returncode == 0, p.stdout + p.stderr
     for name in ("adapter.safetensors", "adapter_config.json", "metrics.jsonl", "loss.png", "model.pth"):
         assert os.path.exists(os.path.join(run, name)), name
-    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    every = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    recs = [r for r in every if "mel" in r]  # training records; validation records carry val_mel
     assert [r["step"] for r in recs] == [1, 2]
+    assert [r["step"] for r in every if "val_mel" in r] == [2] and os.path.exists(
+        os.path.join(run, "samples", "step_000002.wav"))
     for r in recs:
         for k in ("mel", "loss_g", "loss_d", "kl", "lr", "step_time"):
             assert np.isfinite(r[k]), (k, r)
