@@ -58,36 +58,28 @@ def _read_wav(path):
         return np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32767.0, w.getframerate()
 
 
-@pytest.fixture(scope="module")
-def nono(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("nono") / "nono.pth")
-    net = _write_inference_pth(path, f0=False, seed=3)
+def _model_file(tmp_path_factory, name, *, f0, seed):
+    path = str(tmp_path_factory.mktemp(name) / f"{name}.pth")
+    net = _write_inference_pth(path, f0=f0, seed=seed)
     model, _ = R._load_model(path, None, 1.0)
     return path, net, model
+
+
+@pytest.fixture(scope="module")
+def nono(tmp_path_factory):
+    return _model_file(tmp_path_factory, "nono", f0=False, seed=3)
 
 
 @pytest.fixture(scope="module")
 def withf0(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("f0") / "f0.pth")
-    net = _write_inference_pth(path, f0=True, seed=5)
-    model, _ = R._load_model(path, None, 1.0)
-    return path, net, model
+    return _model_file(tmp_path_factory, "f0", f0=True, seed=5)
 
 
 def _cli(argv):
-    """``rvclora render ...`` through the real CLI when it has the subcommand, else through
-    a parser built by :func:`add_render_parser` (same function, no error-to-exit-code wrap)."""
+    """``rvclora render ...`` through the real CLI entry point."""
     from rvclora_jax import cli
 
-    try:
-        return cli.main(argv)
-    except SystemExit:  # `render` not wired into cli.py yet
-        import argparse
-
-        p = argparse.ArgumentParser()
-        R.add_render_parser(p.add_subparsers())
-        a = p.parse_args(argv)
-        return a.func(a)
+    return cli.main(argv)
 
 
 # ------------------------------------------------------------------------ (a), (b) parity
