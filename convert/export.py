@@ -170,23 +170,12 @@ def merge_adapter(src: Source, adapter_path: str, scale: float = 1.0) -> tuple[d
     if src.kind != "generator":
         raise ValueError(f"{src.path}: adapters apply to generators, this is a {src.kind}")
     ad = lora.load_adapter(adapter_path)
-    adapter_params = lora.flatten(ad.params)
-    layers = dict(lora.iter_lora_layers(src.model))
-    for path, (a, b) in lora.adapter_layers(ad.params).items():
-        if path not in layers:
-            raise ValueError(f"{ad.directory}: adapter has weights for {path.replace('/', '.')}, which "
-                             f"{src.path} has no adaptable layer for (adapter made for another model?)")
-        want = lora._implied_kernel_shape(a, b)
-        have = tuple(layers[path].kernel.shape)
-        if want != have:
-            raise ValueError(f"{ad.directory}: {path.replace('/', '.')} was made for a kernel of shape {want}, "
-                             f"{src.path} has {have} (adapter made for another model?)")
+    lora.check_adapter_fits(src.model, ad, source=src.path)
     lora.check_fingerprint(ad, src.params, source=src.path)
     merged = lora.merge(src.params, ad.params, ad.config, scale=scale)
     for k, v in lora.flatten(merged).items():
         if not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{ad.directory}: merging gives non-finite values in {k.replace('/', '.')}")
-    del adapter_params
     return merged, ad
 
 

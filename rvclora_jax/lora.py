@@ -582,7 +582,7 @@ def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None 
 
     Every adapter tensor must land on a layer the config adapts, with the shape that
     layer expects; anything else is an error naming the key."""
-    _check_layers_fit(model, adapter)  # precise, per-key errors before the coarse fingerprint
+    check_adapter_fits(model, adapter)  # precise, per-key errors before the coarse fingerprint
     if check_base:
         check_fingerprint(adapter, partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1])
     paths = inject(model, adapter.config, rngs=rngs or nnx.Rngs(0))
@@ -604,26 +604,27 @@ def _implied_kernel_shape(a, b) -> tuple[int, ...]:
     raise ValueError(f"not a LoRA factor pair: a{tuple(a.shape)}, b{tuple(b.shape)}")
 
 
-def _check_layers_fit(model: nnx.Module, adapter: Adapter) -> None:
-    """Every adapter layer must exist in the model with the kernel its factors imply."""
+def check_adapter_fits(model: nnx.Module, adapter: Adapter, *, source: str = "the model") -> None:
+    """Every adapter layer must exist in ``model`` with the kernel its factors imply, and
+    every embedding delta must match its table; errors name the key (``source`` names the model)."""
     layers = dict(iter_lora_layers(model))
     for path, (a, b) in adapter_layers(adapter.params).items():
         if path not in layers:
-            raise ValueError(f"{adapter.directory}: adapter has weights for {_dotted(path)}, "
-                             f"which is not an adaptable layer of the model")
+            raise ValueError(f"{adapter.directory}: adapter has weights for {_dotted(path)}, which is not an "
+                             f"adaptable layer of {source} (adapter made for another model?)")
         want = _implied_kernel_shape(a, b)
         have = tuple(layers[path].kernel.shape)
         if want != have:
             raise ValueError(f"{adapter.directory}: {_dotted(path)} was made for a kernel of shape {want}, "
-                             f"the model's is {have} (adapter made for another model?)")
+                             f"{source} has {have} (adapter made for another model?)")
     embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
     for path, dv in adapter_deltas(adapter.params).items():
         if path not in embeds:
             raise ValueError(f"{adapter.directory}: adapter has a delta for {_dotted(path)}, which is not an "
-                             f"embedding table of the model")
+                             f"embedding table of {source}")
         if tuple(np.shape(dv)) != tuple(embeds[path].embedding.shape):
             raise ValueError(f"{adapter.directory}: {_dotted(path)}.{DELTA_KEY} has shape {tuple(np.shape(dv))}, "
-                             f"the model's table is {tuple(embeds[path].embedding.shape)}")
+                             f"the table of {source} is {tuple(embeds[path].embedding.shape)}")
 
 
 def _fill_adapter(model: nnx.Module, adapter: Adapter, paths: list[str]) -> None:
