@@ -35,7 +35,7 @@ def main() -> None:
     from flax import nnx
     from rvc.lib.infer_pack import models as rvc_models
 
-    from convert.state_dict import torch_to_flax
+    from rvclora_convert.state_dict import torch_to_flax
     from rvclora_jax.models import synthesizer as S
     from rvclora_jax.params import load_params
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from convert.pth import RVCFile, RVCFileError, build_model, load_rvc_file, to_flax
-from convert.state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
+from .pth import RVCFile, RVCFileError, build_model, load_rvc_file, to_flax
+from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
 from rvclora_jax import lora
 from rvclora_jax.fileio import atomic_write
 from rvclora_jax.models.synthesizer import SynthConfig

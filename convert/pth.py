@@ -13,7 +13,7 @@ file is ever run), detects layout, kind (generator / discriminator), version, f0
 rate and synthesizer config from the tensor shapes, and cross-checks them against what
 the file claims. Every problem is an :class:`RVCFileError` whose one-line message starts
 with the file path and names the offending key. :func:`to_flax` builds the matching
-Flax model and maps the weights with :func:`convert.state_dict.torch_to_flax`.
+Flax model and maps the weights with :func:`rvclora_convert.state_dict.torch_to_flax`.
 
 This module imports torch; ``rvclora_jax`` itself does not.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from convert.state_dict import StateDictError, load_params, torch_to_flax, weight_norm_style
+from .state_dict import StateDictError, load_params, torch_to_flax, weight_norm_style
 from rvclora_jax.models.discriminators import multi_period_discriminator
 from rvclora_jax.models.synthesizer import SynthConfig, Synthesizer, parse_sr, preset
 
@@ -57,7 +57,7 @@ class RVCFile:
     config: SynthConfig | None       # generators only
     state_dict: dict[str, np.ndarray]  # as stored (original dtype)
     dtype: str                       # "float16", "float32", or "mixed(float16,float32)"
-    weight_norm_style: str           # convert.state_dict.weight_norm_style
+    weight_norm_style: str           # rvclora_convert.state_dict.weight_norm_style
     has_enc_q: bool
     metadata: dict[str, Any]         # other top-level JSON-able values (info, epoch, sr, ...)
     has_optimizer: bool

@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense, Embed
-from rvclora_jax.lora import ADAPTER_LEAVES, flatten, path_str, unflatten
+from rvclora_jax.lora import ADAPTER_LEAVES
+from rvclora_jax.tree import flatten, path_str, unflatten
 from rvclora_jax.params import load_params  # noqa: F401  (re-exported for callers)
 
 LEGACY_G, LEGACY_V = "weight_g", "weight_v"

@@ -27,7 +27,7 @@ so the best rank-k adapter of a layer (in Frobenius norm) is the truncated SVD o
   relative attention embeddings, untargeted kernels, the speaker table unless
   ``keep_full``).
 
-No torch at import time: ``.pth`` files are read through ``convert.export`` inside the
+No torch at import time: ``.pth`` files are read through ``rvclora_convert.export`` inside the
 functions that need them.
 """
 
@@ -382,7 +382,7 @@ def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
     """Adapter (≤ ``rank`` per layer, scaling 1) that best approximates ``voice − base``.
 
     ``base_params`` / ``voice_params``: nested fp32 trees with weight norm folded (as from
-    ``convert.export.load_source(...).params``). ``config_targets``: a :class:`LoRAConfig`
+    ``rvclora_convert.export.load_source(...).params``). ``config_targets``: a :class:`LoRAConfig`
     (only its ``targets`` / ``exclude`` are used) or a preset name. ``model``: an NNX
     synthesizer of that architecture, used for layer kinds and (if ``probe``) to render a
     short random input through ``infer`` with noise off, with the voice weights and with
@@ -573,7 +573,7 @@ def _cmd_mix(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from convert.export import load_source
+    from rvclora_convert.export import load_source
 
     base, voice = load_source(args.base), load_source(args.voice)
     for s in (base, voice):

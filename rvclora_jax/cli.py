@@ -54,7 +54,7 @@ def _cmd_inspect(args) -> int:
     _torch_needed()
     import json
 
-    from convert.pth import load_rvc_file
+    from rvclora_convert.pth import load_rvc_file
 
     f = load_rvc_file(args.file)
     info = {
@@ -79,7 +79,7 @@ def _cmd_inspect(args) -> int:
 
 def _cmd_convert(args) -> int:
     _torch_needed()
-    from convert.export import MODEL_JSON, PARAMS_DIR, convert_file
+    from rvclora_convert.export import MODEL_JSON, PARAMS_DIR, convert_file
 
     src = convert_file(args.file, args.out_dir)
     print(f"{args.file}: {src.layout} {src.kind} {src.version}"
@@ -90,7 +90,7 @@ def _cmd_convert(args) -> int:
 
 def _cmd_export(args) -> int:
     _torch_needed()
-    from convert.export import export, load_source
+    from rvclora_convert.export import export, load_source
 
     src = load_source(args.source)
     rep = export(src, args.out, adapter=args.adapter, scale=args.scale, layout=args.layout, fp32=args.fp32,
@@ -105,7 +105,7 @@ def _write_example_base(path: str, seed: int) -> None:
     """A randomly initialised v2 40k f0 base (RVC's real architecture) as ``{"model": sd}``."""
     from flax import nnx
 
-    from convert.export import write_base_file
+    from rvclora_convert.export import write_base_file
 
     from .models import synthesizer as S
 
@@ -118,8 +118,8 @@ def _cmd_train(args) -> int:
 
     from flax import nnx
 
-    from convert.export import export, load_source
-    from convert.pth import load_rvc_file, to_flax
+    from rvclora_convert.export import export, load_source
+    from rvclora_convert.pth import load_rvc_file, to_flax
 
     from . import lora
     from .data import example_dir

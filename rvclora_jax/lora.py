@@ -41,8 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .families.rvc import RVC
 from .fileio import atomic_write
 from .layers import ADAPTABLE_LAYERS, Embed, LoRAParam, delta_kernel, lora_scaling
+from .tree import flatten, path_str, unflatten
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -52,28 +54,9 @@ LORA_KEYS = ("lora_a", "lora_b")
 DELTA_KEY = "lora_delta"  # full-size additive delta of an embedding table (modules_to_save)
 ADAPTER_LEAVES = LORA_KEYS + (DELTA_KEY,)
 
-# ---------------------------------------------------------------------------------
-# Presets. Paths follow RVC's state_dict names with "." replaced by "/".
-# ---------------------------------------------------------------------------------
-_DEC_UPS = r"dec/ups/\d+"
-_DEC_ALL = r"dec/(conv_pre|cond|ups/\d+|noise_convs/\d+|resblocks/\d+/convs[12]?/\d+|conv_post)"
-_FLOW = r"flow/flows/\d+/(pre|post|enc/(in_layers/\d+|res_skip_layers/\d+|cond_layer))"
-_ENC_P = r"enc_p/(emb_phone|encoder/(attn_layers/\d+/conv_[qkvo]|ffn_layers/\d+/conv_[12])|proj)"
-
-PRESETS: dict[str, tuple[tuple[str, ...], str]] = {
-    "ups": ((_DEC_UPS,),
-            "generator upsamplers only: dec.ups.* (ConvTranspose1d)"),
-    "generator": ((_DEC_ALL,),
-                  "whole generator: dec.conv_pre, dec.cond, dec.ups.*, dec.noise_convs.*, "
-                  "dec.resblocks.*.convs1/convs2/convs.*, dec.conv_post "
-                  "(not the 1x1 harmonic mixer dec.m_source.l_linear)"),
-    "generator+flow": ((_DEC_ALL, _FLOW),
-                       "generator plus the flow's coupling layers (pre, WaveNet in/res_skip/cond, post)"),
-    "generator+prior": ((_DEC_ALL, _FLOW, _ENC_P),
-                        "generator + flow + prior (text) encoder: enc_p.emb_phone, attention "
-                        "conv_q/k/v/o, FFN conv_1/conv_2, enc_p.proj; everything used at inference"),
-}
-DEFAULT_PRESET = "generator"
+# LoRA target presets belong to the model family (RVC's, by default).
+PRESETS = RVC.lora_presets
+DEFAULT_PRESET = RVC.default_lora_preset
 
 
 def _freeze_pattern(p: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
@@ -175,39 +158,8 @@ class LoRAConfig:
 
 
 # ---------------------------------------------------------------------------------
-# Paths and trees
+# Adaptable layers of a model
 # ---------------------------------------------------------------------------------
-def path_str(path: Iterable[Any]) -> str:
-    return "/".join(str(p) for p in path)
-
-
-def _key(k: str) -> Any:
-    return int(k) if k.isdigit() else k
-
-
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested dict → ``{"a/b/0/kernel": leaf}``."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        p = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, Mapping):
-            out.update(flatten(v, p))
-        else:
-            out[p] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for p, v in flat.items():
-        node = out
-        *parents, last = [_key(k) for k in p.split("/")]
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = v
-    return out
-
-
 def iter_lora_layers(model: nnx.Module) -> Iterator[tuple[str, Any]]:
     """``(path, layer)`` for every adaptable layer in the model (adapted or not)."""
     for path, mod in nnx.iter_modules(model):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .lora import flatten, unflatten
+from .tree import flatten, unflatten
 
 
 def load_params(model: nnx.Module, params: Mapping) -> None:

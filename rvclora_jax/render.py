@@ -307,7 +307,7 @@ def _load_model(path: str, adapter: str | None, scale: float):
     from .fileio import require_torch
 
     require_torch("reading .pth files")
-    from convert.export import load_source, merge_adapter
+    from rvclora_convert.export import load_source, merge_adapter
 
     from . import lora
     from .params import load_params

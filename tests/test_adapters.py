@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
-from convert import export as E
+from rvclora_convert import export as E
 from rvclora_jax import adapters as A
 from rvclora_jax import lora
 from rvclora_jax.cli import main

@@ -12,7 +12,7 @@ import pytest
 import torch
 from rvc.lib.infer_pack import models as rvc_models
 
-from convert.pth import RVCFile, RVCFileError, load_rvc_file, to_flax
+from rvclora_convert.pth import RVCFile, RVCFileError, load_rvc_file, to_flax
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, randomize_, t2j
 

@@ -11,7 +11,7 @@ from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 from rvc.lib.train import utils as rvc_train_utils
 
-from convert import export as E
+from rvclora_convert import export as E
 from rvclora_jax import lora
 from rvclora_jax.cli import main
 from rvclora_jax.models import synthesizer as S

@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
-from convert.state_dict import flax_to_torch, torch_to_flax
+from rvclora_convert.state_dict import flax_to_torch, torch_to_flax
 from rvclora_jax import lora
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.params import load_params

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert.state_dict import torch_to_flax, load_params  # noqa: E402
+from rvclora_convert.state_dict import torch_to_flax, load_params  # noqa: E402
 from rvclora_jax.layers import Conv1d  # noqa: E402
 from rvclora_jax.models.discriminators import (  # noqa: E402
     V1_PERIODS, V2_PERIODS, DiscriminatorP, DiscriminatorS, MultiPeriodDiscriminator,

@@ -7,7 +7,7 @@ import torch
 from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
-from convert.state_dict import StateDictError, flax_to_torch, torch_to_flax
+from rvclora_convert.state_dict import StateDictError, flax_to_torch, torch_to_flax
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, load_torch_into, randomize_, state_dict_np, t2j
 

@@ -1,7 +1,7 @@
 """The Flax TextEncoder / attentions.Encoder compute what RVC's torch modules compute.
 
 RVC's own modules (``rvc==0.3.5``) are built with random weights, converted with the
-generic ``convert.state_dict.torch_to_flax`` and compared in float32.
+generic ``rvclora_convert.state_dict.torch_to_flax`` and compared in float32.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from convert.state_dict import load_params, torch_to_flax  # noqa: E402
+from rvclora_convert.state_dict import load_params, torch_to_flax  # noqa: E402
 from rvclora_jax.models.attentions import Encoder, MultiHeadAttention  # noqa: E402
 from rvclora_jax.models.text_encoder import TextEncoder  # noqa: E402
 

@@ -222,13 +222,13 @@ def check_merged_export(base_sd: dict, exported: dict, adapter: dict, cfg_json: 
 
 
 def test_export_is_base_plus_exact_adapter_delta(trained, tmp_path):
-    """The narrow trained adapter, saved and merged by convert.export into an fp16 RVC
+    """The narrow trained adapter, saved and merged by rvclora_convert.export into an fp16 RVC
     inference file: every adapted weight is base + ΔW (recomputed here in float64)."""
     import torch
     from safetensors.numpy import load_file
 
-    from convert.export import Source, export
-    from convert.state_dict import LEGACY_G, flax_to_torch
+    from rvclora_convert.export import Source, export
+    from rvclora_convert.state_dict import LEGACY_G, flax_to_torch
     from rvclora_jax.models import synthesizer as S
     from rvclora_jax.run import plot_losses
 

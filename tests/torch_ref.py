@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from convert.state_dict import load_params, torch_to_flax
+from rvclora_convert.state_dict import load_params, torch_to_flax
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -6,7 +6,7 @@ with ``use_spectral_norm=False``: a scale discriminator ``DiscriminatorS`` on th
 waveform followed by one ``DiscriminatorP(p)`` per period.
 
 Attribute names are RVC's ``state_dict`` names (``discriminators.3.convs.2``,
-``discriminators.0.conv_post``), so ``convert.state_dict.torch_to_flax`` maps a
+``discriminators.0.conv_post``), so ``rvclora_convert.state_dict.torch_to_flax`` maps a
 torch checkpoint (``weight_g``/``weight_v`` are folded) without a key table.
 
 Layouts (channels-last; ``B`` batch, ``N`` samples)
