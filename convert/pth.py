@@ -33,6 +33,7 @@ from flax import nnx
 
 from .state_dict import StateDictError, load_params, torch_to_flax, weight_norm_style
 from rvclora_jax.models.discriminators import multi_period_discriminator
+from rvclora_jax.models.generator import noise_conv_geometry
 from rvclora_jax.models.synthesizer import SynthConfig, Synthesizer, parse_sr, preset
 
 LAYOUTS = ("base", "train-checkpoint", "inference")
@@ -202,12 +203,7 @@ def _noise_kernels(sd: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
 
 
 def _expected_noise_kernels(cfg: SynthConfig) -> tuple[int, ...]:
-    rates = cfg.upsample_rates
-    out = []
-    for i in range(len(rates)):
-        s = int(np.prod(rates[i + 1:])) if i + 1 < len(rates) else 1
-        out.append(2 * s if i + 1 < len(rates) else 1)
-    return tuple(out)
+    return tuple(k for k, _, _ in noise_conv_geometry(cfg.upsample_rates))
 
 
 def _shape(sd, key) -> list[int] | None:

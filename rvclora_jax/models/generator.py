@@ -50,6 +50,23 @@ def sine_source(f0: jax.Array, upp: int, sr: int, noise: jax.Array, *, harmonic_
     return jax.lax.stop_gradient(sine * uv + noise_amp * noise)
 
 
+def noise_conv_geometry(upsample_rates: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(kernel, stride, padding)`` of each ``noise_convs`` layer of the NSF generator.
+
+    The harmonic source runs at the output rate; after upsampler ``i`` the signal is
+    ``s = prod(rates[i+1:])`` times slower, so the source is brought down by a strided
+    conv (kernel ``2s``, stride ``s``, padding ``s // 2``), and by a 1x1 conv after the
+    last one. The converters use the kernels to recognise a model's rate."""
+    out = []
+    for i in range(len(upsample_rates)):
+        if i + 1 < len(upsample_rates):
+            s = math.prod(upsample_rates[i + 1:])
+            out.append((2 * s, s, s // 2))
+        else:
+            out.append((1, 1, 0))
+    return out
+
+
 class SourceModuleHnNSF(nnx.Module):
     """Harmonic-plus-noise source: ``tanh(l_linear(SineGen(f0)))`` → ``[B, T·upp, 1]``."""
 
@@ -95,15 +112,9 @@ class Generator(nnx.Module):
             if sr is None:
                 raise ValueError("the NSF generator needs the sample rate")
             self.m_source = SourceModuleHnNSF(sr, harmonic_num=0, rngs=rngs)
-            convs = []
-            for i in range(self.num_upsamples):
-                c = c0 // 2 ** (i + 1)
-                if i + 1 < self.num_upsamples:
-                    s = math.prod(upsample_rates[i + 1:])
-                    convs.append(Conv1d(1, c, 2 * s, stride=s, padding=s // 2, rngs=rngs))
-                else:
-                    convs.append(Conv1d(1, c, 1, rngs=rngs))
-            self.noise_convs = nnx.List(convs)
+            self.noise_convs = nnx.List([
+                Conv1d(1, c0 // 2 ** (i + 1), k, stride=s, padding=p, rngs=rngs)
+                for i, (k, s, p) in enumerate(noise_conv_geometry(upsample_rates))])
         else:
             self.m_source = nnx.data(None)
             self.noise_convs = nnx.data(None)
