@@ -9,7 +9,8 @@ one way to spell a path.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -67,25 +68,59 @@ def _fmt(paths: Iterable[str], limit: int = 6) -> str:
     return s + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
 
 
-def check_fits(target: Mapping[str, Any], given: Mapping[str, Any], *, source: str = "params",
-               allow_missing: bool = True, describe=lambda p: p) -> None:
-    """Strictly compare two *flat* trees: every path of ``given`` must exist in ``target``
-    with the same shape; with ``allow_missing=False`` every path of ``target`` must be
-    given too. Raises :class:`TreeMismatch` listing the missing, unexpected and
-    misshapen paths (``describe`` renders a path, e.g. as a torch key)."""
+@dataclasses.dataclass
+class Mismatch:
+    """How a flat tree ``given`` differs from a flat ``target`` (see :func:`mismatches`)."""
+
+    missing: list[str]      # in target, not given
+    unexpected: list[str]   # given, not in target
+    misshapen: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (path, given shape, target shape)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.misshapen)
+
+    def message(self, source: str, *, describe: Callable[[str], str] = lambda p: p,
+                what: str = "does not fit", noun: str = "") -> str:
+        """One line: ``"{source}: {what}; missing {noun}: ...; unexpected {noun}: ...; wrong shape: ..."``."""
+        n = f" {noun}" if noun else ""
+        parts = [f"{source}: {what}"]
+        if self.missing:
+            parts.append(f"missing{n}: {_fmt(describe(p) for p in self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected{n}: {_fmt(describe(p) for p in self.unexpected)}")
+        if self.misshapen:
+            parts.append("wrong shape: " + _fmt((f"{describe(p)} {g} != {t}" for p, g, t in self.misshapen), 3))
+        return "; ".join(parts)
+
+
+def shape_of(x: Any) -> tuple[int, ...]:
+    """The shape of an array, a ``jax.ShapeDtypeStruct`` or a plain shape tuple."""
+    if isinstance(x, tuple) and all(isinstance(d, int) for d in x):
+        return x
+    return tuple(int(d) for d in np.shape(x))
+
+
+def mismatches(target: Mapping[str, Any], given: Mapping[str, Any], *, allow_missing: bool = True) -> Mismatch:
+    """Compare two *flat* trees by paths and shapes (leaves: arrays, shape structs or shape
+    tuples). With ``allow_missing`` a path of ``target`` that is not given is fine."""
     unexpected = [p for p in given if p not in target]
     missing = [] if allow_missing else [p for p in target if p not in given]
-    misshapen = [f"{describe(p)} {tuple(np.shape(given[p]))} != {tuple(np.shape(target[p]))}"
-                 for p in given if p in target and tuple(np.shape(given[p])) != tuple(np.shape(target[p]))]
-    if missing or unexpected or misshapen:
-        parts = [f"{source}: does not fit"]
-        if missing:
-            parts.append(f"missing: {_fmt(describe(p) for p in missing)}")
-        if unexpected:
-            parts.append(f"unexpected: {_fmt(describe(p) for p in unexpected)}")
-        if misshapen:
-            parts.append(f"wrong shape: {_fmt(misshapen, 3)}")
-        raise TreeMismatch("; ".join(parts))
+    misshapen = [(p, shape_of(given[p]), shape_of(target[p])) for p in given
+                 if p in target and shape_of(given[p]) != shape_of(target[p])]
+    return Mismatch(missing, unexpected, misshapen)
 
 
-__all__ = ["path_str", "flatten", "unflatten", "leaf_name", "parent", "check_fits", "TreeMismatch"]
+def check_fits(target: Mapping[str, Any], given: Mapping[str, Any], *, source: str = "params",
+               allow_missing: bool = True, describe: Callable[[str], str] = lambda p: p,
+               what: str = "does not fit", noun: str = "", error: type[Exception] = TreeMismatch) -> None:
+    """Strictly compare two *flat* trees: every path of ``given`` must exist in ``target``
+    with the same shape; with ``allow_missing=False`` every path of ``target`` must be
+    given too. Raises ``error`` (:class:`TreeMismatch` by default) listing the missing,
+    unexpected and misshapen paths (``describe`` renders a path, e.g. as a torch key)."""
+    m = mismatches(target, given, allow_missing=allow_missing)
+    if m:
+        raise error(m.message(source, describe=describe, what=what, noun=noun))
+
+
+__all__ = ["path_str", "flatten", "unflatten", "leaf_name", "parent", "shape_of", "mismatches", "Mismatch",
+           "check_fits", "TreeMismatch"]
