@@ -6,11 +6,11 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from .. import __version__
 
 
 def _cmd_example(args) -> int:
-    from .example import run_example
+    from ..example import run_example
 
     res = run_example(args.out, version=args.version, sr=args.sr, preset=args.preset, rank=args.rank,
                       alpha=args.alpha, frames=args.frames, seed=args.seed)
@@ -22,7 +22,7 @@ def _cmd_example(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from .lora import PRESETS
+    from ..lora import PRESETS
 
     for name, (pats, desc) in PRESETS.items():
         print(f"{name}\n    {desc}")
@@ -31,8 +31,8 @@ def _cmd_presets(args) -> int:
     if args.version:
         from flax import nnx
 
-        from . import lora
-        from .models import synthesizer as S
+        from .. import lora
+        from ..models import synthesizer as S
 
         model = S.Synthesizer(S.preset(args.version, args.sr), args.version, True, rngs=nnx.Rngs(0),
                               with_enc_q=False)
@@ -45,7 +45,7 @@ def _cmd_presets(args) -> int:
 
 
 def _torch_needed():
-    from .fileio import require_torch
+    from ..fileio import require_torch
 
     require_torch()
 
@@ -107,7 +107,7 @@ def _write_example_base(path: str, seed: int) -> None:
 
     from rvclora_convert.export import write_base_file
 
-    from .models import synthesizer as S
+    from ..models import synthesizer as S
 
     write_base_file(S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed)), path)
 
@@ -121,11 +121,11 @@ def _cmd_train(args) -> int:
     from rvclora_convert.export import export, load_source
     from rvclora_convert.pth import load_rvc_file, to_flax
 
-    from . import lora
-    from .data import example_dir
-    from .models.discriminators import multi_period_discriminator
-    from .run import RunConfig, default_segment_frames, run
-    from .train import TrainConfig
+    from .. import lora
+    from ..data import example_dir
+    from ..models.discriminators import multi_period_discriminator
+    from ..run import RunConfig, default_segment_frames, run
+    from ..train import TrainConfig
 
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -189,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rvclora", description="Exact LoRA fine-tuning of RVC voice models in JAX.")
     p.add_argument("--version", action="version", version=f"rvclora-jax {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    from .adapters import add_adapters_parser
+    from ..adapters import add_adapters_parser
 
     add_adapters_parser(sub)
-    from .render import add_render_parser
+    from ..render import add_render_parser
 
     add_render_parser(sub)
 
