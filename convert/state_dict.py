@@ -2,7 +2,9 @@
 
 The key map is declarative: a Flax module path ``enc_p/encoder/attn_layers/0/conv_q``
 is the torch prefix ``enc_p.encoder.attn_layers.0.conv_q`` — the port keeps RVC's
-names. The only per-layer logic is a value hook chosen by layer type:
+names. The only per-layer logic is a value hook that each layer class owns
+(``torch_param``, ``from_torch`` / ``to_torch`` on the instances of
+:mod:`rvclora_jax.layers`; a new layer kind brings its own):
 
 =====================  ==========================  ===============================
 Flax layer             torch key(s)                hook
@@ -12,7 +14,8 @@ Flax layer             torch key(s)                hook
                        (``[out,in,K,1]`` for the   (squeeze the trailing 1)
                        Kx1 Conv2d of DiscriminatorP)
 ``ConvTranspose1d``    ``.weight [in,out,K]``      → ``kernel [K,in,out]``
-``nnx.Embed``          ``.weight [n,d]``           → ``embedding``
+``Embed``              ``.weight [n,d]``           → ``embedding``
+``nnx.Embed`` (flax)   ``.weight [n,d]``           → ``embedding``
 anything else          same name                   copied (LayerNorm gamma/beta, emb_rel_k/v)
 =====================  ==========================  ===============================
 
@@ -22,8 +25,8 @@ Weight norm (``weight_g``/``weight_v``, or torch's newer
 channel) before the hooks run. The reverse direction re-factors it for layers
 marked ``weight_norm=True``: ``v = w``, ``g = ‖w‖``.
 
-Loading is strict: missing keys, unexpected keys, wrong shapes and non-finite
-values are errors that name the key. This module does not import torch; loading a
+Loading is strict (:func:`rvclora_jax.tree.check_fits`, in torch layouts): missing
+keys, unexpected keys, wrong shapes and non-finite values are errors that name the key. This module does not import torch; loading a
 ``.pth`` file lives in ``convert/pth.py``.
 """
 
@@ -34,16 +37,16 @@ from typing import Any, Mapping
 import numpy as np
 from flax import nnx
 
-from rvclora_jax.layers import ConvTranspose1d, Conv1d, Dense, Embed
+from rvclora_jax.layers import Adaptable, Embed
 from rvclora_jax.lora import ADAPTER_LEAVES
-from rvclora_jax.tree import flatten, path_str, unflatten
 from rvclora_jax.params import load_params  # noqa: F401  (re-exported for callers)
+from rvclora_jax.tree import TreeMismatch, check_fits, flatten, leaf_name, parent, path_str, unflatten
 
 LEGACY_G, LEGACY_V = "weight_g", "weight_v"
 NEW_G, NEW_V = "parametrizations.weight.original0", "parametrizations.weight.original1"
 
 
-class StateDictError(ValueError):
+class StateDictError(TreeMismatch):
     """A state dict does not fit the model; the message names the key(s)."""
 
 
@@ -104,34 +107,25 @@ def _torch_prefix(path: str) -> str:
     return path.replace("/", ".")
 
 
+def _identity(w):
+    return w
+
+
 def _layer_hooks(model: nnx.Module):
-    """Yield (flax_param_path, torch_key, to_flax, to_torch, layer) for every layer param."""
+    """Yield (flax_param_path, torch_key, to_flax, to_torch, layer) for every hooked param:
+    the hook comes from the layer itself (flax's own ``nnx.Embed`` is a plain rename)."""
     for path, mod in nnx.iter_modules(model):
         p = path_str(path)
         t = _torch_prefix(p)
-        if isinstance(mod, Dense):
-            yield p + "/kernel", t + ".weight", lambda w: w.T, lambda k: k.T, mod
-        elif isinstance(mod, Conv1d):
-            if mod.torch_kx1:
-                yield (p + "/kernel", t + ".weight", lambda w: w[..., 0].transpose(2, 1, 0),
-                       lambda k: k.transpose(2, 1, 0)[..., None], mod)
-            else:
-                yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 1, 0), lambda k: k.transpose(2, 1, 0), mod
-        elif isinstance(mod, ConvTranspose1d):
-            yield p + "/kernel", t + ".weight", lambda w: w.transpose(2, 0, 1), lambda k: k.transpose(1, 2, 0), mod
-        elif isinstance(mod, (nnx.Embed, Embed)):
-            yield p + "/embedding", t + ".weight", lambda w: w, lambda k: k, mod
+        if isinstance(mod, (Adaptable, Embed)):
+            yield f"{p}/{mod.torch_param}", t + ".weight", mod.from_torch, mod.to_torch, mod
+        elif isinstance(mod, nnx.Embed):
+            yield p + "/embedding", t + ".weight", _identity, _identity, mod
 
 
 def _base_params(model: nnx.Module) -> dict[str, Any]:
     flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    return {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES}
-
-
-def _fmt_keys(keys) -> str:
-    keys = sorted(keys)
-    s = ", ".join(keys[:6])
-    return s + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+    return {p: v for p, v in flat.items() if leaf_name(p) not in ADAPTER_LEAVES}
 
 
 def torch_to_flax(model: nnx.Module, sd: Mapping[str, Any], *, source: str = "state dict",
@@ -140,44 +134,27 @@ def torch_to_flax(model: nnx.Module, sd: Mapping[str, Any], *, source: str = "st
 
     ``allow_missing``/``ignore`` are torch-key prefixes that may be absent from /
     extra in ``sd`` (e.g. ``enc_q.`` for inference models). Anything else that does
-    not fit raises :class:`StateDictError` naming the key."""
+    not fit raises :class:`StateDictError` naming the key(s)."""
     folded = fold_state_dict(sd, source=source)
     expected = _base_params(model)
+    # flax path -> (torch key, torch -> flax hook); params without a hook keep their name.
+    hooks = {fp: (tk, to_flax, to_torch) for fp, tk, to_flax, to_torch, _ in _layer_hooks(model) if fp in expected}
+    plan = {fp: hooks.get(fp, (_torch_prefix(fp), _identity, _identity)) for fp in expected}
+    # The model's parameters in torch layouts (zero-stride views: only the shapes matter).
+    target = {tk: to_torch(np.broadcast_to(np.float32(0), np.shape(expected[fp])))
+              for fp, (tk, _, to_torch) in plan.items()}
+    target = {tk: v for tk, v in target.items() if tk in folded or not tk.startswith(allow_missing)}
+    given = {k: v for k, v in folded.items() if k in target or not k.startswith(ignore)}
+    check_fits(target, given, source=source, allow_missing=False, what="state dict does not match the model",
+               noun="keys", error=StateDictError)
     out: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    missing: list[str] = []
-    plan = [(fp, tk, fn) for fp, tk, fn, _, _ in _layer_hooks(model)]
-    hooked = {fp for fp, _, _ in plan}
-    plan += [(fp, _torch_prefix(fp), lambda w: w) for fp in expected if fp not in hooked]
-    for fp, tk, fn in plan:
-        if fp not in expected:
-            continue
+    for fp, (tk, to_flax, _) in plan.items():
         if tk not in folded:
-            if not any(tk.startswith(a) for a in allow_missing):
-                missing.append(tk)
-            continue
-        w = folded[tk]
-        used.add(tk)
-        want = tuple(expected[fp].shape)
-        try:
-            val = np.ascontiguousarray(fn(w))
-        except Exception:
-            val = None
-        if val is None or tuple(val.shape) != want:
-            raise StateDictError(f"{source}: {tk} has shape {tuple(w.shape)}, which does not fit the "
-                                 f"model parameter {fp} {want}")
+            continue  # allowed to be missing: keeps the model's own value below
+        val = np.ascontiguousarray(to_flax(folded[tk]))
         if not np.all(np.isfinite(val)):
             raise StateDictError(f"{source}: {tk} contains NaN or inf")
         out[fp] = val
-    unexpected = [k for k in folded if k not in used and not any(k.startswith(i) for i in ignore)]
-    if missing or unexpected:
-        msg = [f"{source}: state dict does not match the model"]
-        if missing:
-            msg.append(f"missing keys: {_fmt_keys(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_fmt_keys(unexpected)}")
-        raise StateDictError("; ".join(msg))
-    # Parameters whose keys were allowed to be missing keep the model's own values.
     for fp, v in expected.items():
         out.setdefault(fp, np.asarray(v))
     return unflatten(out)
@@ -191,7 +168,7 @@ def flax_to_torch(model: nnx.Module, params: Mapping | None = None, *,
     been merged away first. ``style`` picks ``weight_g/weight_v`` ("legacy", what RVC
     writes) or ``parametrizations.weight.original0/1``."""
     flat = flatten(params) if params is not None else _base_params(model)
-    if any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in flat):
+    if any(leaf_name(p) in ADAPTER_LEAVES for p in flat):
         raise ValueError("params contain adapter leaves; merge them first (rvclora_jax.lora.merge)")
     gname, vname = {"legacy": (LEGACY_G, LEGACY_V), "parametrizations": (NEW_G, NEW_V)}[style]
     out: dict[str, np.ndarray] = {}
@@ -201,7 +178,7 @@ def flax_to_torch(model: nnx.Module, params: Mapping | None = None, *,
             continue
         w = np.asarray(to_torch(np.asarray(flat[fp], np.float32)))
         prefix = tk[: -len(".weight")]
-        bias_fp = fp.rsplit("/", 1)[0] + "/bias"
+        bias_fp = parent(fp) + "/bias"
         if bias_fp in flat:
             out[prefix + ".bias"] = np.asarray(flat[bias_fp], np.float32)
             done.add(bias_fp)

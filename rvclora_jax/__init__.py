@@ -2,16 +2,23 @@
 
 __version__ = "0.1.0"
 
-from .layers import Conv1d, ConvTranspose1d, Dense, LoRAParam, delta_kernel  # noqa: E402,F401
+from .layers import (  # noqa: E402,F401
+    Adaptable,
+    Conv1d,
+    ConvTranspose1d,
+    Dense,
+    Embed,
+    LoRAParam,
+    layer_kind,
+    register_layer_kind,
+)
 from .lora import (  # noqa: E402,F401
     PRESETS,
     LoRAConfig,
-    apply_adapter,
     inject,
-    load_adapter,
     merge,
     partition,
-    save_adapter,
     summarize,
     unmerge,
 )
+from .adapters import apply_adapter, load_adapter, save_adapter  # noqa: E402,F401

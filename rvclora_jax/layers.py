@@ -20,28 +20,46 @@ Adapters
 --------
 ``add_lora`` attaches two :class:`LoRAParam` variables, ``lora_a`` and ``lora_b``, to
 the layer itself, so the base parameter paths (``.../kernel``, ``.../bias``) are the
-same with or without an adapter. Each factorisation is exact in the kernel's own
-layout (``s`` = alpha/r, or alpha/sqrt(r) with rsLoRA):
+same with or without an adapter. ``b`` starts at zero, so a fresh adapter leaves the
+layer's output bit-identical.
 
-* Dense:            ``a [in, r]``,      ``b [r, out]``      ΔW[i,o]   = s·Σ_r a[i,r]·b[r,o]
-* Conv1d:           ``a [K, in, r]``    (a conv with the base stride/padding/dilation),
-                    ``b [r, out]``      (pointwise)          ΔW[k,i,o] = s·Σ_r a[k,i,r]·b[r,o]
-* ConvTranspose1d:  ``a [in, r]``       (pointwise, applied first),
-                    ``b [K, r, out]``   (a transposed conv with the base stride/padding)
-                                                             ΔW[k,i,o] = s·Σ_r a[i,r]·b[k,r,o]
+Each adaptable layer kind owns its whole *LoRA basis*, declared once by
+:func:`register_layer_kind` as a kind name and an einsum ``a, b -> ΔW`` in the kernel's
+own layout (``s`` = alpha/r, or alpha/sqrt(r) with rsLoRA; ``r`` is the rank):
 
-The transposed-conv factorisation puts the spatial factor on the *output* side. That
-is exact (a transposed conv is linear in its input channels, so a 1×1 map can be
-moved inside it) and costs ``r·(in + K·out)`` parameters instead of ``r·(K·in + out)``
-— about half for RVC's ``dec.ups.0`` (512→256, K=16). ``b`` starts at zero, so a fresh
-adapter leaves the layer's output bit-identical.
+===================  ==================  ==================  ====================
+kind                 ``a``               ``b``               ΔW = s·einsum(a, b)
+===================  ==================  ==================  ====================
+``Dense``            ``[in, r]``         ``[r, out]``        ``ir,ro->io``
+``Conv1d``           ``[K, in, r]``      ``[r, out]``        ``kir,ro->kio``
+``ConvTranspose1d``  ``[in, r]``         ``[K, r, out]``     ``ir,kro->kio``
+===================  ==================  ==================  ====================
+
+For Conv1d ``a`` is a conv with the base stride/padding/dilation and ``b`` is pointwise.
+For ConvTranspose1d ``a`` is pointwise (applied first) and ``b`` a transposed conv with
+the base stride/padding: exact, since a transposed conv is linear in its input
+channels, and ``r·(in + K·out)`` parameters instead of ``r·(K·in + out)`` — about half
+for RVC's ``dec.ups.0`` (512→256, K=16).
+
+Everything else about a kind follows from that einsum, as class methods that work on
+bare arrays and shapes (merges, adapter files and SVD work call them through the
+registry, :func:`layer_kind`): :meth:`Adaptable.factor_shapes` (and the init's fan-in),
+:meth:`~Adaptable.delta` (jnp at HIGHEST precision, or float64 numpy),
+:meth:`~Adaptable.kernel_shape_of`, :meth:`~Adaptable.rank_axes` (rank concatenation)
+and :meth:`~Adaptable.to_matrix` / :meth:`~Adaptable.from_matrix`: the delta as one
+matrix ``M = A·B`` (rows: the kernel axes ``a`` carries, columns: those ``b`` carries),
+whose truncated SVD is the best rank-k adapter of the layer. Each layer also owns its
+torch layout (:meth:`~Adaptable.from_torch` / :meth:`~Adaptable.to_torch`, per instance:
+a Conv1d may stand for a Kx1 Conv2d). A new layer kind is one class in one file: an
+:class:`Adaptable` subclass with a constructor, ``__call__``, ``_lora_branch``, the torch
+hooks, and the decorator.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,28 +90,73 @@ def _uniform(key: jax.Array, shape: Sequence[int], bound: float, dtype) -> jax.A
     return jnp.asarray(rng.uniform(-bound, bound, tuple(shape)), dtype)
 
 
-def delta_kernel(a: jax.Array, b: jax.Array, scaling: float) -> jax.Array:
-    """ΔW of an adapter, in the base kernel's own layout (see module docstring).
-
-    The layer kind is read from the factor ranks, so this works on bare arrays (e.g.
-    inside a pure merge over a parameter tree)."""
-    if a.ndim == 2 and b.ndim == 2:  # Dense
-        d = jnp.einsum("ir,ro->io", a, b, precision=_EXACT)
-    elif a.ndim == 3 and b.ndim == 2:  # Conv1d
-        d = jnp.einsum("kir,ro->kio", a, b, precision=_EXACT)
-    elif a.ndim == 2 and b.ndim == 3:  # ConvTranspose1d
-        d = jnp.einsum("ir,kro->kio", a, b, precision=_EXACT)
-    else:
-        raise ValueError(f"not a LoRA factor pair: a{tuple(a.shape)}, b{tuple(b.shape)}")
-    return d * jnp.asarray(scaling, d.dtype)
-
-
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-class _Adaptable(nnx.Module):
-    """Shared adapter plumbing. Subclasses define the factor shapes and the branch."""
+# ---------------------------------------------------------------------------------
+# Layer kinds: name -> class, each class owning its LoRA basis
+# ---------------------------------------------------------------------------------
+LAYER_KINDS: dict[str, type["Adaptable"]] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_basis(spec: str) -> tuple[str, str, str]:
+    """``"kir,ro->kio"`` → ``("kir", "ro", "kio")``, checked to be a LoRA basis: ``r``
+    (the rank) once in each factor and not in ΔW, and every kernel axis in exactly one
+    factor (so ΔW is one matrix product ``A·B``)."""
+    try:
+        lhs, out = spec.replace(" ", "").split("->")
+        a, b = lhs.split(",")
+    except ValueError:
+        raise ValueError(f"LoRA basis {spec!r}: expected an einsum 'a,b->kernel'") from None
+    ka, kb = a.replace("r", ""), b.replace("r", "")
+    if (a.count("r"), b.count("r")) != (1, 1) or "r" in out:
+        raise ValueError(f"LoRA basis {spec!r}: the rank axis 'r' must appear once in a and once in b, not in ΔW")
+    if len(set(a)) != len(a) or len(set(b)) != len(b) or len(set(out)) != len(out) or set(ka) & set(kb) \
+            or sorted(ka + kb) != sorted(out):
+        raise ValueError(f"LoRA basis {spec!r}: every kernel axis must be carried by exactly one factor")
+    return a, b, out
+
+
+def register_layer_kind(kind: str, basis: str):
+    """Class decorator: register an :class:`Adaptable` subclass as layer kind ``kind`` with
+    the LoRA basis ``basis`` (an einsum ``"a,b->kernel"``, rank axis ``r``), stored as the
+    class attributes ``kind`` and ``lora_einsum``. Adapter files record the kind of each
+    adapted layer by this name."""
+    _parse_basis(basis)
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Adaptable)):
+            raise TypeError(f"register_layer_kind({kind!r}): {cls!r} is not an Adaptable layer class")
+        if LAYER_KINDS.get(kind, cls) is not cls:
+            raise ValueError(f"layer kind {kind!r} is already registered to {LAYER_KINDS[kind].__qualname__}")
+        cls.kind, cls.lora_einsum = kind, basis
+        LAYER_KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def layer_kind(kind: str) -> type["Adaptable"]:
+    """The layer class registered as ``kind`` (``"Dense"``, ``"Conv1d"``, ...)."""
+    try:
+        return LAYER_KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown layer kind {kind!r} (registered: {', '.join(sorted(LAYER_KINDS))})") from None
+
+
+class Adaptable(nnx.Module):
+    """An adaptable layer: adapter slots and life cycle, plus its kind's LoRA basis.
+
+    Subclasses define the layer (constructor, ``__call__``), the adapter branch
+    ``_lora_branch`` (exactly ``x ↦ x·ΔW`` under the layer's own map), the torch layout
+    hooks, and are registered with :func:`register_layer_kind`; the basis methods below
+    are derived from the registered einsum."""
+
+    kind: ClassVar[str] = ""
+    lora_einsum: ClassVar[str] = ""
+    torch_param: ClassVar[str] = "kernel"  # the param the torch ``.weight`` maps to
 
     lora_a: nnx.LoRAParam | None
     lora_b: nnx.LoRAParam | None
@@ -111,11 +174,99 @@ class _Adaptable(nnx.Module):
     def has_lora(self) -> bool:
         return self.lora_a is not None
 
-    # (a_shape, b_shape, fan_in of a) for rank r
-    def _lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-        raise NotImplementedError
+    # -- the LoRA basis of the kind (class methods: they work on bare arrays and shapes) --
+    @classmethod
+    def _basis(cls) -> tuple[str, str, str]:
+        if not cls.lora_einsum:
+            raise TypeError(f"{cls.__qualname__} is not a registered layer kind (use @register_layer_kind)")
+        return _parse_basis(cls.lora_einsum)
+
+    @classmethod
+    def factor_shapes(cls, kernel_shape: Sequence[int], rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """``(a_shape, b_shape, fan_in)`` of a rank-``rank`` adapter of a kernel of this shape
+        (``fan_in``: the inputs one entry of ``a`` sees, for kaiming init)."""
+        a, b, out = cls._basis()
+        if len(kernel_shape) != len(out):
+            raise ValueError(f"{cls.kind}: kernel shape {tuple(kernel_shape)} is not {len(out)}-D")
+        size = {**dict(zip(out, (int(d) for d in kernel_shape))), "r": int(rank)}
+        return (tuple(size[c] for c in a), tuple(size[c] for c in b),
+                math.prod(size[c] for c in a if c != "r"))
+
+    @classmethod
+    def rank_axes(cls) -> tuple[int, int]:
+        """The axes of ``a`` and ``b`` that hold the rank (to concatenate adapters)."""
+        a, b, _ = cls._basis()
+        return a.index("r"), b.index("r")
+
+    @classmethod
+    def rank_of(cls, a_shape: Sequence[int]) -> int:
+        return int(a_shape[cls.rank_axes()[0]])
+
+    @classmethod
+    def kernel_shape_of(cls, a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple[int, ...]:
+        """The kernel shape a factor pair of this kind implies (raises if it is not one)."""
+        a, b, out = cls._basis()
+        a_shape, b_shape = tuple(int(d) for d in a_shape), tuple(int(d) for d in b_shape)
+        if len(a_shape) != len(a) or len(b_shape) != len(b) or \
+                a_shape[a.index("r")] != b_shape[b.index("r")]:
+            raise ValueError(f"not a LoRA factor pair of a {cls.kind}: a{a_shape}, b{b_shape} "
+                             f"(expected a[{','.join(a)}], b[{','.join(b)}])")
+        size = {**dict(zip(a, a_shape)), **dict(zip(b, b_shape))}
+        return tuple(size[c] for c in out)
+
+    @classmethod
+    def delta(cls, a, b, scaling: float, *, xp=jnp):
+        """ΔW = s·einsum(a, b) in the kernel's layout. ``xp=jnp``: at HIGHEST precision
+        (merges must be exact on TPU/GPU too); ``xp=np``: in float64, for SVD work."""
+        cls.kernel_shape_of(np.shape(a), np.shape(b))
+        if xp is np:
+            d = np.einsum(cls.lora_einsum, np.asarray(a, np.float64), np.asarray(b, np.float64))
+            return d * float(scaling)
+        if xp is not jnp:
+            raise ValueError(f"delta: xp must be jax.numpy or numpy, got {xp!r}")
+        d = jnp.einsum(cls.lora_einsum, a, b, precision=_EXACT)
+        return d * jnp.asarray(scaling, d.dtype)
+
+    @classmethod
+    def _matrix_axes(cls) -> tuple[list[str], list[str], str]:
+        a, b, out = cls._basis()
+        return [c for c in a if c != "r"], [c for c in b if c != "r"], out
+
+    @classmethod
+    def to_matrix(cls, delta) -> np.ndarray:
+        """ΔW (kernel layout) → ``M`` [rows, cols] with ``M = A·B`` for the factors as
+        :meth:`from_matrix` reads them (rows: the kernel axes of ``a``, cols: those of ``b``)."""
+        rows, cols, out = cls._matrix_axes()
+        delta = np.asarray(delta)
+        n_rows = math.prod(delta.shape[out.index(c)] for c in rows)
+        return delta.transpose([out.index(c) for c in rows + cols]).reshape(n_rows, -1)
+
+    @classmethod
+    def from_matrix(cls, A, B, kernel_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Factors of ``M = A·B`` (``A [rows, r]``, ``B [r, cols]``) → ``(a, b)`` in this kind's layout."""
+        rows, cols, out = cls._matrix_axes()
+        a, b, _ = cls._basis()
+        size = dict(zip(out, (int(d) for d in kernel_shape)))
+        r = int(np.shape(A)[1])
+        fa = np.reshape(A, [size[c] for c in rows] + [r]).transpose([(rows + ["r"]).index(c) for c in a])
+        fb = np.reshape(B, [r] + [size[c] for c in cols]).transpose([(["r"] + cols).index(c) for c in b])
+        return fa, fb
+
+    # -- the adapter of this layer --
+    def lora_shapes(self, rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+        """``(a_shape, b_shape, fan_in)`` for a rank-``rank`` adapter of this layer."""
+        return self.factor_shapes(tuple(self.kernel.shape), rank)
 
     def _lora_branch(self, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    # -- torch layout (per instance: a Conv1d may stand for a Kx1 Conv2d) --
+    def from_torch(self, w: np.ndarray) -> np.ndarray:
+        """torch ``.weight`` → this layer's ``kernel`` layout."""
+        raise NotImplementedError
+
+    def to_torch(self, kernel: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`from_torch`."""
         raise NotImplementedError
 
     def add_lora(
@@ -133,7 +284,7 @@ class _Adaptable(nnx.Module):
             raise ValueError(f"{type(self).__name__} already has an adapter")
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
-        a_shape, b_shape, fan_in = self._lora_shapes(rank)
+        a_shape, b_shape, fan_in = self.lora_shapes(rank)
         key = rngs.params()
         pdt = self.kernel[...].dtype
         if init == "kaiming":
@@ -156,15 +307,17 @@ class _Adaptable(nnx.Module):
         self._init_adapter_slots()
 
     def delta_kernel(self) -> jax.Array:
+        """This layer's ΔW (zeros without an adapter)."""
         if not self.has_lora:
             return jnp.zeros_like(self.kernel[...])
-        return delta_kernel(self.lora_a[...], self.lora_b[...], self.lora_scaling)
+        return self.delta(self.lora_a[...], self.lora_b[...], self.lora_scaling)
 
     def _adapter_input(self, x: jax.Array) -> jax.Array:
         return self.lora_dropout(x) if self.lora_dropout is not None else x
 
 
-class Dense(_Adaptable):
+@register_layer_kind("Dense", "ir,ro->io")
+class Dense(Adaptable):
     """``torch.nn.Linear``: ``y = x @ kernel + bias`` on the last axis."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
@@ -177,8 +330,11 @@ class Dense(_Adaptable):
         self.bias = nnx.Param(_uniform(bk, (out_features,), bound, param_dtype)) if use_bias else nnx.data(None)
         self._init_adapter_slots()
 
-    def _lora_shapes(self, rank):
-        return (self.in_features, rank), (rank, self.out_features), self.in_features
+    def from_torch(self, w):
+        return w.T  # Linear.weight [out, in]
+
+    def to_torch(self, kernel):
+        return kernel.T
 
     def _lora_branch(self, x):
         h = self._adapter_input(x) @ self.lora_a[...]
@@ -246,7 +402,8 @@ def _grouped_bwd(stride, padding, groups, res, g):
 grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-class Conv1d(_Adaptable):
+@register_layer_kind("Conv1d", "kir,ro->kio")
+class Conv1d(Adaptable):
     """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
@@ -275,11 +432,18 @@ class Conv1d(_Adaptable):
             x, kernel, window_strides=(self.stride,), padding=[self.padding],
             rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=groups)
 
-    def _lora_shapes(self, rank):
+    def lora_shapes(self, rank):
         if self.groups != 1:
             raise ValueError("LoRA on grouped convolutions (groups > 1) is not supported")
-        k = self.kernel_size
-        return (k, self.in_channels, rank), (rank, self.out_channels), k * self.in_channels
+        return super().lora_shapes(rank)
+
+    def from_torch(self, w):
+        # Conv1d.weight [out, in/groups, K], or [out, in, K, 1] for a Kx1 Conv2d
+        return (w[..., 0] if self.torch_kx1 else w).transpose(2, 1, 0)
+
+    def to_torch(self, kernel):
+        w = kernel.transpose(2, 1, 0)
+        return w[..., None] if self.torch_kx1 else w
 
     def _lora_branch(self, x):
         h = self._conv(self._adapter_input(x), self.lora_a[...])
@@ -294,7 +458,8 @@ class Conv1d(_Adaptable):
         return y
 
 
-class ConvTranspose1d(_Adaptable):
+@register_layer_kind("ConvTranspose1d", "ir,kro->kio")
+class ConvTranspose1d(Adaptable):
     """``torch.nn.ConvTranspose1d`` on ``[B, T, C]`` inputs.
 
     Output length ``(L-1)·stride - 2·padding + dilation·(K-1) + output_padding + 1``.
@@ -353,8 +518,11 @@ class ConvTranspose1d(_Adaptable):
             full = jnp.pad(full, ((0, 0), (0, end - full.shape[1]), (0, 0)))
         return full[:, self.padding:end]
 
-    def _lora_shapes(self, rank):
-        return (self.in_channels, rank), (self.kernel_size, rank, self.out_channels), self.in_channels
+    def from_torch(self, w):
+        return w.transpose(2, 0, 1)  # ConvTranspose1d.weight [in, out, K]
+
+    def to_torch(self, kernel):
+        return kernel.transpose(1, 2, 0)
 
     def _lora_branch(self, x):
         h = self._adapter_input(x) @ self.lora_a[...]
@@ -367,9 +535,6 @@ class ConvTranspose1d(_Adaptable):
         if self.has_lora:
             y = y + self._lora_branch(x)
         return y
-
-
-ADAPTABLE_LAYERS = (Dense, Conv1d, ConvTranspose1d)
 
 
 class Embed(nnx.Module):
@@ -398,6 +563,14 @@ class Embed(nnx.Module):
 
     def remove_delta(self) -> None:
         self.lora_delta = nnx.data(None)
+
+    torch_param = "embedding"  # Embedding.weight [num, dim], same layout
+
+    def from_torch(self, w):
+        return w
+
+    def to_torch(self, table):
+        return table
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         table = self.embedding[...]

@@ -1,39 +1,39 @@
-"""LoRA for RVC models: configuration, injection, pure merge, adapter files.
+"""LoRA for RVC models: configuration, injection, the training split, pure merge.
 
 Life cycle
 ----------
 1. **Configure.** A :class:`LoRAConfig` names the layers to adapt by regular
-   expressions over module paths (``"dec/ups/\\d+"``), or by a preset
-   (:data:`PRESETS`), plus rank, alpha, dropout, rsLoRA and per-path
+   expressions over module paths (``"dec/ups/\\d+"``), or by a preset of the model
+   family (:data:`PRESETS`, RVC's), plus rank, alpha, dropout, rsLoRA and per-path
    ``rank_pattern`` / ``alpha_pattern`` overrides.
 2. **Inject.** :func:`inject` walks an NNX model and calls ``add_lora`` on every
-   matching :class:`~rvclora_jax.layers.Dense`, ``Conv1d`` or ``ConvTranspose1d``.
-   Adapter weights are :class:`LoRAParam` variables living *inside* the adapted
-   layer, so base paths (``dec/ups/0/kernel``) are unchanged and converters never
-   need to know about LoRA. ``b`` starts at zero: a fresh adapter changes nothing.
-3. **Train.** ``nnx.split(model, LoRAParam, nnx.Param, ...)`` (LoRAParam first: it
-   subclasses ``nnx.Param``) gives the trainable subtree; everything else is frozen.
+   matching adaptable layer (:class:`~rvclora_jax.layers.Adaptable`: ``Dense``,
+   ``Conv1d``, ``ConvTranspose1d``, or any kind registered with
+   :func:`~rvclora_jax.layers.register_layer_kind`). Adapter weights are
+   :class:`LoRAParam` variables living *inside* the adapted layer, so base paths
+   (``dec/ups/0/kernel``) are unchanged and converters never need to know about LoRA.
+   ``b`` starts at zero: a fresh adapter changes nothing.
+3. **Train.** :func:`split` (``nnx.split(model, LoRAParam, nnx.Param, ...)``; LoRAParam
+   first: it subclasses ``nnx.Param``) gives the trainable subtree; everything else is
+   frozen.
 4. **Merge.** :func:`merge` is a pure function on parameter trees: base params +
    adapter + config → new plain params whose kernels include the exact delta
-   ``ΔW = s·B·A`` in the kernel's own layout (see ``layers.py``); :func:`unmerge` is
-   its inverse for the same adapter.
-5. **Save / load.** :func:`save_adapter` writes ``adapter.safetensors`` +
-   ``adapter_config.json`` (PEFT's file convention) with a fingerprint of the base
-   model; :func:`load_adapter` reads them back, and :func:`apply_adapter` injects
-   and fills an adapter into a model, checking every key and shape.
+   ``ΔW = s·A·B`` in the kernel's own layout, computed by the layer kind's
+   :meth:`~rvclora_jax.layers.Adaptable.delta` (``layer_kinds`` names each layer's
+   kind); :func:`unmerge` is its inverse for the same adapter. :func:`merge_model`
+   does the same for an adapted model.
+5. **Save / load / mix.** Adapter files (``adapter.safetensors`` +
+   ``adapter_config.json``, with the kind of every adapted layer and a fingerprint of
+   the base) and adapter arithmetic live in :mod:`rvclora_jax.adapters`.
 
 Parameter trees here are nested dicts as produced by ``nnx.to_pure_dict(state)``
-(list indices are ints). Paths are the keys joined with ``/``.
+(list indices are ints). Paths are the keys joined with ``/`` (:mod:`rvclora_jax.tree`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import re
-import warnings
 from typing import Any, Iterable, Iterator, Mapping
 
 import jax
@@ -42,19 +42,14 @@ import numpy as np
 from flax import nnx
 
 from .families.rvc import RVC
-from .fileio import atomic_write
-from .layers import ADAPTABLE_LAYERS, Embed, LoRAParam, delta_kernel, lora_scaling
-from .tree import flatten, path_str, unflatten
+from .layers import Adaptable, Embed, LoRAParam, layer_kind, lora_scaling
+from .tree import flatten, leaf_name, mismatches, parent, path_str, unflatten
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "rvclora-adapter"
-ADAPTER_FORMAT_VERSION = 1
 LORA_KEYS = ("lora_a", "lora_b")
 DELTA_KEY = "lora_delta"  # full-size additive delta of an embedding table (modules_to_save)
 ADAPTER_LEAVES = LORA_KEYS + (DELTA_KEY,)
 
-# LoRA target presets belong to the model family (RVC's, by default).
+# LoRA target presets belong to the model family; these are the default family's (RVC).
 PRESETS = RVC.lora_presets
 DEFAULT_PRESET = RVC.default_lora_preset
 
@@ -74,6 +69,8 @@ class LoRAConfig:
     regular expressions that must match a whole module path (``re.fullmatch``), e.g.
     ``"dec/ups/\\d+"`` or ``"dec/resblocks/.*"``. For the two patterns the first
     matching key wins. ``alpha`` defaults to ``rank`` (scaling 1), PEFT's habit.
+    Without ``targets`` the config adapts what ``preset`` (default: the RVC family's
+    default preset) targets.
     """
 
     rank: int = 8
@@ -81,16 +78,25 @@ class LoRAConfig:
     dropout: float = 0.0
     use_rslora: bool = False
     init: str = "kaiming"
-    targets: tuple[str, ...] = PRESETS[DEFAULT_PRESET][0]
+    # None: the targets of ``preset``, or of the default family's default preset.
+    targets: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
-    preset: str | None = DEFAULT_PRESET
+    # The preset the targets came from; None for custom targets. (Files written before
+    # this was fixed may name a preset next to custom targets; they load as written.)
+    preset: str | None = None
     # Embedding tables (paths, e.g. ("emb_g",)) that get a trainable full-size delta:
     # PEFT's modules_to_save for RVC's speaker embedding, merged by exact addition.
     train_embeddings: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.targets is None:
+            name = self.preset or DEFAULT_PRESET
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+            object.__setattr__(self, "preset", name)
+            object.__setattr__(self, "targets", PRESETS[name][0])
         object.__setattr__(self, "targets", tuple(self.targets))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "train_embeddings", tuple(self.train_embeddings))
@@ -115,10 +121,12 @@ class LoRAConfig:
                 raise ValueError(f"invalid path pattern {pat!r}: {e}") from None
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "LoRAConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(targets=PRESETS[name][0], preset=name, **overrides)
+    def from_preset(cls, name: str, *, family=RVC, **overrides) -> "LoRAConfig":
+        """The targets of ``family``'s LoRA preset ``name`` (``family.lora_presets``)."""
+        presets = family.lora_presets
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(presets)}")
+        return cls(targets=presets[name][0], preset=name, **overrides)
 
     def matches(self, path: str) -> bool:
         """Whether the module at ``path`` (``"dec/ups/0"``) should get an adapter."""
@@ -160,11 +168,57 @@ class LoRAConfig:
 # ---------------------------------------------------------------------------------
 # Adaptable layers of a model
 # ---------------------------------------------------------------------------------
-def iter_lora_layers(model: nnx.Module) -> Iterator[tuple[str, Any]]:
+def iter_lora_layers(model: nnx.Module) -> Iterator[tuple[str, Adaptable]]:
     """``(path, layer)`` for every adaptable layer in the model (adapted or not)."""
     for path, mod in nnx.iter_modules(model):
-        if isinstance(mod, ADAPTABLE_LAYERS):
+        if isinstance(mod, Adaptable):
             yield path_str(path), mod
+
+
+def iter_embeddings(model: nnx.Module) -> Iterator[tuple[str, Embed]]:
+    """``(path, table)`` for every :class:`~rvclora_jax.layers.Embed` (which can carry a delta)."""
+    for path, mod in nnx.iter_modules(model):
+        if isinstance(mod, Embed):
+            yield path_str(path), mod
+
+
+def layer_kinds(model: nnx.Module) -> dict[str, str]:
+    """``{path: kind}`` for every adaptable layer of ``model`` (kind names as registered)."""
+    return {path: layer.kind for path, layer in iter_lora_layers(model)}
+
+
+# Built-in kinds by the ndims of (a, b): they differ, so version-1 adapter files (which
+# did not record kinds) and callers that pass none can still be read.
+_LEGACY_KINDS = {(2, 2): "Dense", (3, 2): "Conv1d", (2, 3): "ConvTranspose1d"}
+
+
+def legacy_kinds(adapter: Mapping) -> dict[str, str]:
+    """``{path: kind}`` of an adapter tree from its factor ndims: the documented fallback
+    for version-1 adapter files and kind-less callers, the one place a kind is inferred
+    rather than recorded. Knows only the built-in kinds (Dense 2/2, Conv1d 3/2,
+    ConvTranspose1d 2/3)."""
+    out = {}
+    for path, (a, b) in adapter_layers(adapter).items():
+        kind = _LEGACY_KINDS.get((np.ndim(a), np.ndim(b)))
+        if kind is None:
+            raise ValueError(f"not a LoRA factor pair of a built-in layer kind: {path} "
+                             f"a{tuple(np.shape(a))}, b{tuple(np.shape(b))} (give the layer kinds)")
+        out[path] = kind
+    return out
+
+
+def resolve_kinds(adapter: Mapping, kinds: Mapping[str, str] | None) -> dict[str, str]:
+    """The kind of every low-rank layer of ``adapter``: from ``kinds`` (recorded in the
+    file or read off the model), else :func:`legacy_kinds`."""
+    if kinds is None:
+        return legacy_kinds(adapter)
+    layers = adapter_layers(adapter)
+    missing = sorted(set(layers) - set(kinds))
+    if missing:
+        raise ValueError(f"no layer kind given for adapter layer {missing[0]} ({len(missing)} in all)")
+    for p in layers:
+        layer_kind(kinds[p])  # a clear error for an unregistered kind
+    return {p: kinds[p] for p in layers}
 
 
 # ---------------------------------------------------------------------------------
@@ -187,7 +241,7 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
             layer.add_lora(config.rank_for(path), config.alpha_for(path), rngs=rngs,
                            dropout=config.dropout, use_rslora=config.use_rslora, init=config.init)
             done.append(path)
-        embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
+        embeds = dict(iter_embeddings(model))
         for path in config.train_embeddings:
             if path not in embeds:
                 raise ValueError(f"train_embeddings: the model has no embedding table at {path!r} "
@@ -195,7 +249,7 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
             embeds[path].add_delta()
             done.append(path)
     except BaseException:
-        _remove_adapters(model, done)
+        remove_adapters(model, done)
         raise
     if not done:
         avail = [p for p, _ in iter_lora_layers(model)]
@@ -204,7 +258,8 @@ def inject(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> list[str
     return done
 
 
-def _remove_adapters(model: nnx.Module, paths: Iterable[str]) -> None:
+def remove_adapters(model: nnx.Module, paths: Iterable[str]) -> None:
+    """Remove the adapters (or embedding deltas) at ``paths``: the inverse of :func:`inject`."""
     mods = {path_str(p): m for p, m in nnx.iter_modules(model)}
     for p in paths:
         if isinstance(mods[p], Embed):
@@ -224,11 +279,14 @@ def split(model: nnx.Module):
 
 
 def merge_model(model: nnx.Module, scale: float = 1.0) -> dict:
-    """Merged plain parameters of an adapted model (model is not changed)."""
+    """The merged base parameters of an adapted model, as a nested dict like :func:`merge`'s
+    (no adapter leaves; write them into an adapter-free model with
+    :func:`rvclora_jax.params.load_params`). ``model`` itself is not changed."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     adapter, base = partition(params)
-    scalings = {p: layer.lora_scaling for p, layer in iter_lora_layers(model) if layer.has_lora}
-    return merge(base, adapter, scalings, scale=scale)
+    adapted = [(p, layer) for p, layer in iter_lora_layers(model) if layer.has_lora]
+    return merge(base, adapter, {p: layer.lora_scaling for p, layer in adapted}, scale=scale,
+                 kinds={p: layer.kind for p, layer in adapted})
 
 
 # ---------------------------------------------------------------------------------
@@ -237,7 +295,7 @@ def merge_model(model: nnx.Module, scale: float = 1.0) -> dict:
 def partition(params: Mapping) -> tuple[dict, dict]:
     """Split a tree into ``(adapter, base)``; adapter leaves are ``.../lora_a|lora_b``."""
     flat = flatten(params)
-    adapter = {p: v for p, v in flat.items() if p.rsplit("/", 1)[-1] in ADAPTER_LEAVES}
+    adapter = {p: v for p, v in flat.items() if leaf_name(p) in ADAPTER_LEAVES}
     base = {p: v for p, v in flat.items() if p not in adapter}
     return unflatten(adapter), unflatten(base)
 
@@ -256,7 +314,7 @@ def adapter_layers(adapter: Mapping) -> dict[str, tuple[Any, Any]]:
     flat = flatten(adapter)
     layers: dict[str, dict] = {}
     for p, v in flat.items():
-        layer, leaf = p.rsplit("/", 1)
+        layer, leaf = parent(p), leaf_name(p)
         if leaf == DELTA_KEY:
             continue  # embedding deltas: see adapter_deltas()
         if leaf not in LORA_KEYS:
@@ -271,14 +329,15 @@ def adapter_layers(adapter: Mapping) -> dict[str, tuple[Any, Any]]:
 
 def adapter_deltas(adapter: Mapping) -> dict[str, Any]:
     """``{embedding_path: delta}`` for the full-size embedding deltas of an adapter tree."""
-    return {p.rsplit("/", 1)[0]: v for p, v in flatten(adapter).items() if p.rsplit("/", 1)[-1] == DELTA_KEY}
+    return {parent(p): v for p, v in flatten(adapter).items() if leaf_name(p) == DELTA_KEY}
 
 
-def _scalings(adapter_ls: Mapping[str, tuple], config: LoRAConfig | Mapping[str, float]) -> dict[str, float]:
+def _scalings(adapter_ls: Mapping[str, tuple], config: LoRAConfig | Mapping[str, float],
+              kinds: Mapping[str, str]) -> dict[str, float]:
     if isinstance(config, LoRAConfig):
         out = {}
         for path, (a, b) in adapter_ls.items():
-            r = int(a.shape[-1])
+            r = layer_kind(kinds[path]).rank_of(np.shape(a))
             if r != config.rank_for(path):
                 raise ValueError(f"adapter {path} has rank {r} but the config says {config.rank_for(path)}")
             out[path] = config.scaling_for(path, r)
@@ -289,48 +348,54 @@ def _scalings(adapter_ls: Mapping[str, tuple], config: LoRAConfig | Mapping[str,
     return {p: float(config[p]) for p in adapter_ls}
 
 
-def _apply_delta(params: Mapping, adapter: Mapping, config, scale: float, sign: float) -> dict:
-    flat = dict(flatten(params))
-    if any(p.rsplit("/", 1)[-1] in ADAPTER_LEAVES for p in flat):
+def _apply_delta(params: Mapping, adapter: Mapping, config, scale: float, sign: float,
+                 kinds: Mapping[str, str] | None) -> dict:
+    flat = flatten(params)
+    if any(leaf_name(p) in ADAPTER_LEAVES for p in flat):
         raise ValueError("params still contain adapter leaves; pass the base from partition()")
-    for path, dv in adapter_deltas(adapter).items():
-        ep = f"{path}/embedding"
-        if ep not in flat:
-            raise KeyError(f"adapter delta {path} has no base table {ep} in the params")
-        w = flat[ep]
-        if tuple(np.shape(dv)) != tuple(np.shape(w)):
-            raise ValueError(f"adapter {path}: delta shape {tuple(np.shape(dv))} != table shape {tuple(np.shape(w))}")
-        flat[ep] = (jnp.asarray(w, jnp.float32) + sign * scale * jnp.asarray(dv, jnp.float32)).astype(
-            jnp.asarray(w).dtype)
     ls = adapter_layers(adapter)
-    scal = _scalings(ls, config)
+    kinds = resolve_kinds(adapter, kinds)
+    scal = _scalings(ls, config, kinds)
+    # The additive update of every touched leaf, in float32 whatever the storage dtype.
+    upd = {f"{path}/embedding": sign * scale * jnp.asarray(dv, jnp.float32)
+           for path, dv in adapter_deltas(adapter).items()}
     for path, (a, b) in ls.items():
-        kp = f"{path}/kernel"
-        if kp not in flat:
-            raise KeyError(f"adapter layer {path} has no base kernel {kp} in the params")
-        w = flat[kp]
-        d = delta_kernel(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), scal[path] * scale)
-        if d.shape != w.shape:
-            raise ValueError(f"adapter {path}: delta shape {tuple(d.shape)} != kernel shape {tuple(w.shape)}")
-        # Merge in float32 whatever the storage dtype, then cast back.
-        flat[kp] = (jnp.asarray(w, jnp.float32) + sign * d).astype(jnp.asarray(w).dtype)
-    return unflatten(flat)
+        d = layer_kind(kinds[path]).delta(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                          scal[path] * scale)
+        upd[f"{path}/kernel"] = sign * d
+    bad = mismatches(flat, upd)
+    for p in bad.unexpected:
+        what = "delta" if leaf_name(p) == "embedding" else "layer"
+        base = "table" if leaf_name(p) == "embedding" else "kernel"
+        raise KeyError(f"adapter {what} {parent(p)} has no base {base} {p} in the params")
+    for p, got, want in bad.misshapen:
+        base = "table" if leaf_name(p) == "embedding" else "kernel"
+        raise ValueError(f"adapter {parent(p)}: delta shape {got} != {base} shape {want}")
+    out = dict(flat)
+    for p, d in upd.items():
+        w = flat[p]
+        out[p] = (jnp.asarray(w, jnp.float32) + d).astype(jnp.asarray(w).dtype)
+    return unflatten(out)
 
 
 def merge(base: Mapping, adapter: Mapping, config: LoRAConfig | Mapping[str, float], *,
-          scale: float = 1.0) -> dict:
-    """Pure merge: returns new params with ``kernel + scale·ΔW`` for every adapted layer.
+          scale: float = 1.0, kinds: Mapping[str, str] | None = None) -> dict:
+    """Pure merge: returns new params with ``kernel + scale·ΔW`` for every adapted layer
+    (and ``table + scale·delta`` for every embedding delta).
 
     ``config`` is the :class:`LoRAConfig` the adapter was built with (for alpha and
-    rank patterns) or an explicit ``{layer_path: scaling}`` map. Inputs are not
-    modified; the result contains no adapter leaves."""
-    return _apply_delta(base, adapter, config, scale, +1.0)
+    rank patterns) or an explicit ``{layer_path: scaling}`` map. ``kinds``
+    (``{layer_path: kind}``, e.g. ``Adapter.kinds`` or :func:`layer_kinds`) says how each
+    factor pair multiplies out; without it the built-in kinds are read off the factor
+    ndims (:func:`legacy_kinds`). Inputs are not modified; the result contains no
+    adapter leaves."""
+    return _apply_delta(base, adapter, config, scale, +1.0, kinds)
 
 
 def unmerge(merged: Mapping, adapter: Mapping, config: LoRAConfig | Mapping[str, float], *,
-            scale: float = 1.0) -> dict:
+            scale: float = 1.0, kinds: Mapping[str, str] | None = None) -> dict:
     """Inverse of :func:`merge` for the same adapter (exact up to float rounding)."""
-    return _apply_delta(merged, adapter, config, scale, -1.0)
+    return _apply_delta(merged, adapter, config, scale, -1.0, kinds)
 
 
 # ---------------------------------------------------------------------------------
@@ -386,223 +451,29 @@ def summarize(model: nnx.Module) -> Summary:
         if not layer.has_lora:
             continue
         base = _size(layer.kernel) + (_size(layer.bias) if layer.bias is not None else 0)
-        rows.append(LayerRow(path, type(layer).__name__, tuple(layer.kernel.shape), layer.lora_rank,
+        rows.append(LayerRow(path, layer.kind, tuple(layer.kernel.shape), layer.lora_rank,
                              layer.lora_alpha, layer.lora_scaling, base,
                              _size(layer.lora_a) + _size(layer.lora_b)))
-    for p, m in nnx.iter_modules(model):
-        if isinstance(m, Embed) and m.has_delta:
+    for p, m in iter_embeddings(model):
+        if m.has_delta:
             n = _size(m.embedding)
-            rows.append(LayerRow(path_str(p), "Embed (delta)", tuple(m.embedding.shape), 0, 0.0, 1.0, n, n))
+            rows.append(LayerRow(p, "Embed (delta)", tuple(m.embedding.shape), 0, 0.0, 1.0, n, n))
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     total = sum(_size(x) for x in leaves)
     trainable = sum(_size(x) for x in jax.tree.leaves(adapter_state(model)))
     return Summary(rows, total, trainable, sum(r.base_params for r in rows))
 
 
-def count_params(tree: Mapping) -> int:
-    return sum(_size(x) for x in jax.tree.leaves(tree))
+# compatibility: removed at merge. The adapter files moved to rvclora_jax.adapters; the
+# other helpers' code still calls them as lora.<name> until the lead fixes the imports.
+_MOVED_TO_ADAPTERS = ("Adapter", "save_adapter", "load_adapter", "apply_adapter", "check_adapter_fits",
+                      "check_fingerprint", "fingerprint", "resolve_adapter_path", "ADAPTER_WEIGHTS",
+                      "ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION")
 
 
-# ---------------------------------------------------------------------------------
-# Fingerprints and adapter files
-# ---------------------------------------------------------------------------------
-def fingerprint(base: Mapping, *, with_weights: bool = True) -> dict[str, str]:
-    """Identify a base model: ``structure`` hashes every base path, shape and dtype;
-    ``weights`` (optional) hashes the values. An adapter may only be applied to a model
-    with the same structure; a different ``weights`` hash means another base with the
-    same architecture (allowed, with a warning)."""
-    # enc_q only serves training and RVC strips it from inference models, so it is left
-    # out: an adapter trained on a full G applies to the small model of the same base.
-    flat = {p: v for p, v in flatten(base).items()
-            if p.rsplit("/", 1)[-1] not in ADAPTER_LEAVES and not p.startswith("enc_q/")}
-    hs = hashlib.sha256()
-    hw = hashlib.sha256()
-    for p in sorted(flat):
-        v = np.asarray(flat[p])
-        hs.update(f"{p}:{v.shape}:{v.dtype};".encode())
-        if with_weights:
-            hw.update(p.encode())
-            hw.update(np.ascontiguousarray(v.astype(np.float32)).tobytes())
-    out = {"structure": hs.hexdigest()[:16]}
-    if with_weights:
-        out["weights"] = hw.hexdigest()[:16]
-    return out
+def __getattr__(name: str):  # compatibility: removed at merge
+    if name in _MOVED_TO_ADAPTERS:
+        from .adapters import files
 
-
-def _dotted(path: str) -> str:
-    return path.replace("/", ".")
-
-
-def save_adapter(directory: str, adapter: Mapping, config: LoRAConfig, *,
-                 base_fingerprint: Mapping[str, str] | None = None,
-                 metadata: Mapping[str, Any] | None = None) -> str:
-    """Write ``adapter.safetensors`` + ``adapter_config.json`` into ``directory``.
-
-    Tensor names are RVC-style dotted paths (``dec.ups.0.lora_a``). Both files are
-    written to temporary names and renamed into place."""
-    from safetensors.numpy import save_file
-
-    adapter_layers(adapter)  # validate pairs
-    os.makedirs(directory, exist_ok=True)
-    tensors = {_dotted(p): np.ascontiguousarray(np.asarray(v)) for p, v in flatten(adapter).items()}
-    cfg = {
-        "format": ADAPTER_FORMAT,
-        "format_version": ADAPTER_FORMAT_VERSION,
-        "lora": config.to_dict(),
-        "base_fingerprint": dict(base_fingerprint or {}),
-        "metadata": dict(metadata or {}),
-    }
-    from . import __version__
-    cfg["rvclora_version"] = __version__
-    wpath = os.path.join(directory, ADAPTER_WEIGHTS)
-    cpath = os.path.join(directory, ADAPTER_CONFIG)
-    atomic_write(wpath, lambda t: save_file(tensors, t, metadata={"format": ADAPTER_FORMAT}))
-    # No sort_keys: rank_pattern / alpha_pattern are first-match-wins, so key order matters.
-    atomic_write(cpath, lambda t: open(t, "w").write(json.dumps(cfg, indent=2) + "\n"))
-    return directory
-
-
-@dataclasses.dataclass
-class Adapter:
-    params: dict  # nested {layer path...: {"lora_a", "lora_b"}}
-    config: LoRAConfig
-    base_fingerprint: dict
-    metadata: dict
-    directory: str
-
-
-def resolve_adapter_path(path: str) -> str:
-    """Accept an adapter directory or the ``adapter.safetensors`` inside it."""
-    if os.path.isdir(path):
-        return path
-    if os.path.basename(path) == ADAPTER_WEIGHTS:
-        return os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such adapter directory or file")
-    raise ValueError(f"{path}: expected an adapter directory or its {ADAPTER_WEIGHTS}")
-
-
-def load_adapter(path: str) -> Adapter:
-    from safetensors.numpy import load_file
-
-    d = resolve_adapter_path(path)
-    cpath, wpath = os.path.join(d, ADAPTER_CONFIG), os.path.join(d, ADAPTER_WEIGHTS)
-    for p in (cpath, wpath):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p}: missing (an adapter directory holds {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
-    try:
-        with open(cpath) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if cfg.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{cpath}: not an rvclora adapter config (format={cfg.get('format')!r})")
-    if int(cfg.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{cpath}: format_version {cfg['format_version']} is newer than this rvclora "
-                         f"supports ({ADAPTER_FORMAT_VERSION}); upgrade rvclora-jax")
-    config = LoRAConfig.from_dict(cfg["lora"])
-    try:
-        tensors = load_file(wpath)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{wpath}: cannot read safetensors file ({e})") from None
-    flat = {k.replace(".", "/"): v for k, v in tensors.items()}
-    for k, v in flat.items():
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"{wpath}: tensor {_dotted(k)} contains NaN or inf")
-    params = unflatten(flat)
-    adapter_layers(params)
-    return Adapter(params, config, dict(cfg.get("base_fingerprint", {})), dict(cfg.get("metadata", {})), d)
-
-
-def check_fingerprint(adapter: Adapter, base: Mapping, *, source: str = "model") -> None:
-    want = adapter.base_fingerprint
-    if not want:
-        return
-    have = fingerprint(base, with_weights="weights" in want)
-    if want.get("structure") != have["structure"]:
-        raise ValueError(f"{adapter.directory}: adapter was made for a different model architecture "
-                         f"(structure {want.get('structure')} != {have['structure']} of {source})")
-    if "weights" in want and want["weights"] != have["weights"]:
-        warnings.warn(f"{adapter.directory}: adapter was trained on a different base "
-                      f"(weights {want['weights']} != {have['weights']} of {source}); applying anyway",
-                      stacklevel=2)
-
-
-def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None = None,
-                  check_base: bool = True) -> list[str]:
-    """Inject ``adapter.config`` into ``model`` and fill in the saved weights.
-
-    Every adapter tensor must land on a layer the config adapts, with the shape that
-    layer expects; anything else is an error naming the key."""
-    check_adapter_fits(model, adapter)  # precise, per-key errors before the coarse fingerprint
-    if check_base:
-        check_fingerprint(adapter, partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1])
-    paths = inject(model, adapter.config, rngs=rngs or nnx.Rngs(0))
-    try:
-        _fill_adapter(model, adapter, paths)
-    except BaseException:
-        _remove_adapters(model, paths)  # leave the model as it was, not half-filled
-        raise
-    return paths
-
-
-def _implied_kernel_shape(a, b) -> tuple[int, ...]:
-    if len(a.shape) == 2 and len(b.shape) == 2:
-        return (a.shape[0], b.shape[1])
-    if len(a.shape) == 3 and len(b.shape) == 2:
-        return (a.shape[0], a.shape[1], b.shape[1])
-    if len(a.shape) == 2 and len(b.shape) == 3:
-        return (b.shape[0], a.shape[0], b.shape[2])
-    raise ValueError(f"not a LoRA factor pair: a{tuple(a.shape)}, b{tuple(b.shape)}")
-
-
-def check_adapter_fits(model: nnx.Module, adapter: Adapter, *, source: str = "the model") -> None:
-    """Every adapter layer must exist in ``model`` with the kernel its factors imply, and
-    every embedding delta must match its table; errors name the key (``source`` names the model)."""
-    layers = dict(iter_lora_layers(model))
-    for path, (a, b) in adapter_layers(adapter.params).items():
-        if path not in layers:
-            raise ValueError(f"{adapter.directory}: adapter has weights for {_dotted(path)}, which is not an "
-                             f"adaptable layer of {source} (adapter made for another model?)")
-        want = _implied_kernel_shape(a, b)
-        have = tuple(layers[path].kernel.shape)
-        if want != have:
-            raise ValueError(f"{adapter.directory}: {_dotted(path)} was made for a kernel of shape {want}, "
-                             f"{source} has {have} (adapter made for another model?)")
-    embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
-    for path, dv in adapter_deltas(adapter.params).items():
-        if path not in embeds:
-            raise ValueError(f"{adapter.directory}: adapter has a delta for {_dotted(path)}, which is not an "
-                             f"embedding table of {source}")
-        if tuple(np.shape(dv)) != tuple(embeds[path].embedding.shape):
-            raise ValueError(f"{adapter.directory}: {_dotted(path)}.{DELTA_KEY} has shape {tuple(np.shape(dv))}, "
-                             f"the table of {source} is {tuple(embeds[path].embedding.shape)}")
-
-
-def _fill_adapter(model: nnx.Module, adapter: Adapter, paths: list[str]) -> None:
-    embeds = {path_str(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
-    deltas = adapter_deltas(adapter.params)
-    if set(deltas) != set(adapter.config.train_embeddings):
-        raise ValueError(f"{adapter.directory}: embedding deltas {sorted(deltas)} do not match the config's "
-                         f"train_embeddings {list(adapter.config.train_embeddings)}")
-    for path, dv in deltas.items():
-        embeds[path].lora_delta[...] = jnp.asarray(dv, embeds[path].lora_delta.dtype)
-    paths = [p for p in paths if p not in deltas]
-    saved = adapter_layers(adapter.params)
-    layers = dict(iter_lora_layers(model))
-    unexpected = sorted(set(saved) - set(paths))
-    missing = sorted(set(paths) - set(saved))
-    if unexpected:
-        raise ValueError(f"{adapter.directory}: adapter has weights for {_dotted(unexpected[0])} "
-                         f"which the model has no adapted layer for ({len(unexpected)} such keys)")
-    if missing:
-        raise ValueError(f"{adapter.directory}: adapter lacks weights for {_dotted(missing[0])} "
-                         f"({len(missing)} adapted layers missing)")
-    for path in paths:
-        layer = layers[path]
-        for name, val in zip(LORA_KEYS, saved[path]):
-            var = getattr(layer, name)
-            if tuple(val.shape) != tuple(var.shape):
-                raise ValueError(f"{adapter.directory}: {_dotted(path)}.{name} has shape {tuple(val.shape)}, "
-                                 f"the model expects {tuple(var.shape)}")
-            var[...] = jnp.asarray(val, var.dtype)
+        return getattr(files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""Adapter arithmetic: exact mixing, SVD compression, extraction from a voice, info, CLI."""
+"""Adapter arithmetic: exact mixing, SVD compression, extraction from a voice, info, CLI.
+
+ΔW references are computed by torch.nn.functional (linear / conv1d / conv_transpose1d)
+from the factors, fed identity inputs, and each layer's kind is read off the model's
+layer classes: nothing here is checked against the basis code under test.
+"""
 
 import os
 import re
@@ -7,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
@@ -14,6 +20,7 @@ from rvclora_convert import export as E
 from rvclora_jax import adapters as A
 from rvclora_jax import lora
 from rvclora_jax.cli import main
+from rvclora_jax.layers import Conv1d, ConvTranspose1d, Dense
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import randomize_
 
@@ -27,6 +34,36 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _rel_err(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def _kinds(model):
+    """Each adaptable layer's kind, from the model's layer classes."""
+    out = {}
+    for path, m in nnx.iter_modules(model):
+        for cls in (ConvTranspose1d, Conv1d, Dense):
+            if isinstance(m, cls):
+                out["/".join(map(str, path))] = cls.__name__
+    return out
+
+
+def torch_delta(kind, a, b, s):
+    """ΔW = s·(adapter branch) in our kernel layout, computed by torch.nn.functional in float64
+    on identity inputs: the composed map's response to every basis input is the kernel."""
+    a, b = torch.tensor(np.asarray(a, np.float64)), torch.tensor(np.asarray(b, np.float64))
+    with torch.no_grad():
+        if kind == "Dense":  # a [in, r], b [r, out]: x -> (x a) b on x = I
+            d = F.linear(F.linear(torch.eye(a.shape[0], dtype=torch.float64), a.T), b.T)  # [in, out]
+        elif kind == "Conv1d":  # a [K, in, r] a conv, b [r, out] pointwise
+            K, cin, r = a.shape
+            # basis inputs e_(k,i) of length K: a valid conv gives one output sample = W[:, i, k]
+            E = torch.eye(K * cin, dtype=torch.float64).reshape(K * cin, K, cin).permute(0, 2, 1)
+            h = F.conv1d(E, a.permute(2, 1, 0))                                # [K*in, r, 1]
+            d = F.conv1d(h, b.T[:, :, None])[..., 0].reshape(K, cin, -1)       # [K, in, out]
+        else:  # ConvTranspose1d: a [in, r] pointwise first, b [K, r, out] a transposed conv
+            cin = a.shape[0]
+            h = F.conv1d(torch.eye(cin, dtype=torch.float64)[:, :, None], a.T[:, :, None])  # [in, r, 1]
+            d = F.conv_transpose1d(h, b.permute(1, 2, 0)).permute(2, 0, 1)      # [in, out, K] -> [K, in, out]
+    return s * d.numpy()
 
 
 def _random_adapter(model, cfg, seed, emb=False):
@@ -53,7 +90,7 @@ def narrow():
 @pytest.fixture(scope="module")
 def two_adapters(narrow, tmp_path_factory):
     model, base = narrow
-    fp = lora.fingerprint(base)
+    fp = A.fingerprint(base)
     c1 = lora.LoRAConfig.from_preset("generator", rank=4, alpha=8, rank_pattern={r"dec/ups/\d+": 6})
     c2 = lora.LoRAConfig(targets=lora.PRESETS["generator+flow"][0] + (r"enc_p/emb_phone",), rank=3, alpha=5,
                          use_rslora=True, train_embeddings=("emb_g",), exclude=(r"dec/conv_post",), preset=None)
@@ -61,8 +98,8 @@ def two_adapters(narrow, tmp_path_factory):
     out = []
     for i, (c, emb) in enumerate(((c1, False), (c2, True))):
         p = str(d / f"a{i}")
-        lora.save_adapter(p, _random_adapter(model, c, seed=i + 1, emb=emb), c, base_fingerprint=fp)
-        out.append(lora.load_adapter(p))
+        A.save_adapter(p, _random_adapter(model, c, seed=i + 1, emb=emb), c, base_fingerprint=fp)
+        out.append(A.load_adapter(p))
     return out
 
 
@@ -74,15 +111,25 @@ def _kernels(params):
 def test_mix_equals_weighted_sum_of_merges(narrow, two_adapters, tmp_path, weights):
     model, base = narrow
     a1, a2 = two_adapters
-    params, cfg = A.mix([a1, a2], list(weights))
-    # reference: base + w1·Δ1 + w2·Δ2 via the library's own merge with scale
-    want = lora.merge(lora.merge(base, a1.params, a1.config, scale=weights[0]), a2.params, a2.config,
-                      scale=weights[1])
+    mixed = A.mix([a1, a2], list(weights))
+    assert mixed.base_fingerprint == A.mixed_fingerprint([a1, a2]) == a1.base_fingerprint
+    # reference: base + w1·Δ1 + w2·Δ2, each ΔW from torch, the speaker table by addition
+    fb = _kernels(base)
+    kinds = _kinds(model)
+    fw = dict(fb)
+    for ad, w in zip((a1, a2), weights):
+        for path, (a, b) in lora.adapter_layers(ad.params).items():
+            fw[f"{path}/kernel"] = fw[f"{path}/kernel"] + w * torch_delta(
+                kinds[path], a, b, ad.config.scaling_for(path, a.shape[-1]))
+        for path, dv in lora.adapter_deltas(ad.params).items():
+            fw[f"{path}/embedding"] = fw[f"{path}/embedding"] + w * np.asarray(dv, np.float64)
     # round trip through the files, then merge
-    lora.save_adapter(str(tmp_path / "mix"), params, cfg, base_fingerprint=A.mixed_fingerprint([a1, a2]))
-    ad = lora.load_adapter(str(tmp_path / "mix"))
-    got = lora.merge(base, ad.params, ad.config)
-    fw, fg, fb = _kernels(want), _kernels(got), _kernels(base)
+    A.save_adapter(str(tmp_path / "mix"), mixed.params, mixed.config, kinds=mixed.kinds,
+                   base_fingerprint=mixed.base_fingerprint)
+    ad = A.load_adapter(str(tmp_path / "mix"))
+    assert ad.kinds == {p: kinds[p] for p in lora.adapter_layers(ad.params)}
+    got = lora.merge(base, ad.params, ad.config, kinds=ad.kinds)
+    fg = _kernels(got)
     assert fw.keys() == fg.keys()
     worst = 0.0
     for k in fw:
@@ -102,7 +149,7 @@ def test_mix_equals_weighted_sum_of_merges(narrow, two_adapters, tmp_path, weigh
     assert sorted(p for p in all_paths if ad.config.matches(p)) == sorted(layers)
     # applies to a model through the ordinary path
     fresh = nnx.clone(model)
-    lora.apply_adapter(fresh, ad)
+    A.apply_adapter(fresh, ad)
     merged_model = lora.merge_model(fresh)
     np.testing.assert_allclose(np.asarray(merged_model["dec"]["ups"][1]["kernel"]),
                                fw["dec/ups/1/kernel"], rtol=1e-5, atol=1e-6)
@@ -110,7 +157,7 @@ def test_mix_equals_weighted_sum_of_merges(narrow, two_adapters, tmp_path, weigh
 
 def test_mix_rejects_different_architectures(two_adapters, tmp_path):
     a1, a2 = two_adapters
-    other = lora.Adapter(a2.params, a2.config, {"structure": "0123456789abcdef"}, {}, str(tmp_path / "other"))
+    other = A.Adapter(a2.params, a2.config, {"structure": "0123456789abcdef"}, {}, str(tmp_path / "other"))
     with pytest.raises(ValueError) as e:
         A.mix([a1, other], [1.0, 1.0])
     assert a1.directory in str(e.value) and str(tmp_path / "other") in str(e.value)
@@ -119,33 +166,41 @@ def test_mix_rejects_different_architectures(two_adapters, tmp_path):
 def test_compress_full_rank_is_lossless_and_truncation_matches_numpy(narrow, two_adapters):
     model, base = narrow
     a1, a2 = two_adapters
-    params, cfg = A.mix([a1, a2], [1.0, -0.5])
+    mixed = A.mix([a1, a2], [1.0, -0.5])
+    cfg = mixed.config
     # a cross-section keeps the test fast: every layer kind, ranks 3 / 4 / 6 / 7 / 9
     keep = r"dec/(ups/\d+|conv_pre|conv_post|noise_convs/0|resblocks/0/.*)|flow/flows/0/.*|enc_p/emb_phone|emb_g"
-    params = lora.unflatten({k: v for k, v in lora.flatten(params).items() if re.fullmatch(keep, k.rsplit("/", 1)[0])})
-    assert {A.factor_kind(a, b) for a, b in lora.adapter_layers(params).values()} == {A.DENSE, A.CONV, A.CONVT}
-    p_full, c_full, rep_full = A.compress(params, cfg, 10_000)
-    got = lora.merge(base, p_full, c_full)
+    params = lora.unflatten({k: v for k, v in lora.flatten(mixed.params).items()
+                             if re.fullmatch(keep, k.rsplit("/", 1)[0])})
+    kinds = _kinds(model)
+    ad = A.Adapter(params, cfg, kinds={p: mixed.kinds[p] for p in lora.adapter_layers(params)})
+    assert ad.kinds == {p: kinds[p] for p in lora.adapter_layers(params)}
+    assert set(ad.kinds.values()) == {"Dense", "Conv1d", "ConvTranspose1d"}
+    full, rep_full = A.compress(ad, 10_000)
+    got = lora.merge(base, full.params, full.config, kinds=full.kinds)
     fb, fg = _kernels(base), _kernels(got)
     for path, (a, b) in lora.adapter_layers(params).items():  # exact mixed ΔW in float64
-        want = A.delta_of(a, b, cfg.scaling_for(path, a.shape[-1]))
+        want = torch_delta(kinds[path], a, b, cfg.scaling_for(path, a.shape[-1]))
         assert _rel_err(fg[f"{path}/kernel"] - fb[f"{path}/kernel"], want) <= 1e-5, path
-    np.testing.assert_array_equal(fg["emb_g/embedding"] - fb["emb_g/embedding"],
-                                  _kernels(lora.merge(base, params, cfg))["emb_g/embedding"] - fb["emb_g/embedding"])
+    # the speaker-table delta is kept bit for bit, and merges by exact float32 addition
+    dv = np.asarray(params["emb_g"]["lora_delta"], np.float32)
+    np.testing.assert_array_equal(np.asarray(full.params["emb_g"]["lora_delta"]), dv)
+    np.testing.assert_array_equal(np.asarray(got["emb_g"]["embedding"]),
+                                  np.asarray(base["emb_g"]["embedding"], np.float32) + dv)
     assert rep_full.kept == pytest.approx(1.0, abs=1e-9)
     # truncated: rank 3 (< 9 in dec/ups, < 7 in the generator convs)
     R = 3
-    p3, c3, rep3 = A.compress(params, cfg, R)
-    merged3 = _kernels(lora.merge(base, p3, c3))
-    kinds = A._layer_kinds(model)
+    ad3, rep3 = A.compress(ad, R)
+    p3 = ad3.params
+    merged3 = _kernels(lora.merge(base, p3, ad3.config, kinds=ad3.kinds))
     rows = {r.path: r for r in rep3.layers}
     assert set(rows) == set(lora.adapter_layers(params))
     for path, (a, b) in lora.adapter_layers(params).items():
-        delta = A.delta_of(a, b, cfg.scaling_for(path, a.shape[-1]))
         kind = kinds[path]
-        if kind == A.DENSE:
+        delta = torch_delta(kind, a, b, cfg.scaling_for(path, a.shape[-1]))
+        if kind == "Dense":
             M = delta
-        elif kind == A.CONV:
+        elif kind == "Conv1d":
             M = delta.reshape(-1, delta.shape[-1])
         else:
             M = delta.transpose(1, 0, 2).reshape(delta.shape[1], -1)
@@ -155,9 +210,9 @@ def test_compress_full_rank_is_lossless_and_truncation_matches_numpy(narrow, two
         assert rows[path].kept == pytest.approx(want_kept, rel=1e-9, abs=1e-12), path
         assert rows[path].discarded == pytest.approx((s[k:] ** 2).sum(), rel=1e-6, abs=1e-12), path
         Mk = (U[:, :k] * s[:k]) @ Vt[:k]
-        if kind == A.DENSE:
+        if kind == "Dense":
             rec = Mk
-        elif kind == A.CONV:
+        elif kind == "Conv1d":
             rec = Mk.reshape(delta.shape)
         else:
             rec = Mk.reshape(delta.shape[1], delta.shape[0], delta.shape[2]).transpose(1, 0, 2)
@@ -216,7 +271,7 @@ def test_extract_full_rank_reproduces_voice_in_rvc(tmp_path, capsys):
     # voice = base + a random adapter with a speaker delta, exported by RVC-compatible code
     cfg = lora.LoRAConfig.from_preset("generator+prior", rank=4, alpha=8, train_embeddings=("emb_g",))
     ad = _random_adapter(src.model, cfg, seed=5, emb=True)
-    lora.save_adapter(str(tmp_path / "true"), ad, cfg, base_fingerprint=lora.fingerprint(src.params))
+    A.save_adapter(str(tmp_path / "true"), ad, cfg, base_fingerprint=A.fingerprint(src.params))
     voice_path = str(tmp_path / "voice.pth")
     E.export(src, voice_path, adapter=str(tmp_path / "true"), fp32=True)
     out = str(tmp_path / "extracted")
@@ -225,9 +280,10 @@ def test_extract_full_rank_reproduces_voice_in_rvc(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "probe" in text and "emb_g" in text
     voice = E.load_source(voice_path)
-    ex = lora.load_adapter(out)
+    ex = A.load_adapter(out)
     assert ex.config.train_embeddings == ("emb_g",)
-    merged = lora.flatten(lora.merge(src.params, ex.params, ex.config))
+    assert ex.kinds == {p: k for p, k in _kinds(src.model).items() if p in ex.kinds}
+    merged = lora.flatten(lora.merge(src.params, ex.params, ex.config, kinds=ex.kinds))
     fv = lora.flatten(voice.params)
     worst = 0.0
     for k, v in fv.items():
@@ -251,7 +307,7 @@ def test_extract_full_rank_reproduces_voice_in_rvc(tmp_path, capsys):
     y_base = _rvc_infer_noise_off(_rvc_net(w), phone, lengths, pitch, f0, sid)
     assert np.abs(y_voice - y_base).max() > 100 * max(err, 1e-7)  # the voice really differs
     # the export command line path: fingerprint of the base matches
-    assert ex.base_fingerprint == lora.fingerprint(src.params)
+    assert ex.base_fingerprint == A.fingerprint(src.params)
 
 
 def test_extract_reports_what_an_adapter_cannot_hold(narrow):
@@ -265,7 +321,7 @@ def test_extract_reports_what_an_adapter_cannot_hold(narrow):
     voice["enc_p/encoder/attn_layers/0/conv_q/kernel"] += 0.01   # not targeted by "generator"
     voice["enc_p/encoder/norm_layers_1/0/gamma"] += 0.05
     voice = lora.unflatten(voice)
-    params, c, rep = A.extract(base, voice, rank=3, config_targets="generator", model=model)
+    ex, rep = A.extract(base, voice, rank=3, config_targets="generator", model=model)
     byp = {x.path: x for x in rep.full}
     assert byp["dec/ups/0/bias"].what == "bias" and not byp["dec/ups/0/bias"].stored
     assert byp["emb_g/embedding"].what == "embedding" and not byp["emb_g/embedding"].stored
@@ -277,10 +333,10 @@ def test_extract_reports_what_an_adapter_cannot_hold(narrow):
     text = rep.format()
     assert "dec.ups.0.bias" in text and "emb_g.embedding" in text
     # keep_full stores the speaker table
-    params, c, rep = A.extract(base, voice, rank=3, config_targets="generator", model=model, keep_full=True,
-                               probe=False)
-    assert c.train_embeddings == ("emb_g",)
-    np.testing.assert_allclose(np.asarray(params["emb_g"]["lora_delta"])[1], 0.3, atol=1e-6)
+    ex, rep = A.extract(base, voice, rank=3, config_targets="generator", model=model, keep_full=True,
+                        probe=False)
+    assert ex.config.train_embeddings == ("emb_g",)
+    np.testing.assert_allclose(np.asarray(ex.params["emb_g"]["lora_delta"])[1], 0.3, atol=1e-6)
     assert {x.path for x in rep.full if x.stored} == {"emb_g/embedding"}
 
 
@@ -290,7 +346,7 @@ def test_cli_mix_with_rank_and_info(two_adapters, tmp_path, capsys):
     assert _run(["adapters", "mix", f"{a1.directory}:0.5", f"{a2.directory}:-1", "--out", out, "--rank", "2"]) == 0
     text = capsys.readouterr().out
     assert "energy kept" in text and "discarded" in text
-    ad = lora.load_adapter(out)
+    ad = A.load_adapter(out)
     assert max(a.shape[-1] for a, _ in lora.adapter_layers(ad.params).values()) == 2
     assert _run(["adapters", "info", out]) == 0
     assert "dec.ups.0" in capsys.readouterr().out
@@ -312,7 +368,9 @@ def test_extract_rank8_energy_matches_direct_svd(narrow):
         voice[p + "/kernel"] = flat[p + "/kernel"] + 0.01 * rng.standard_normal(flat[p + "/kernel"].shape).astype(
             np.float32)
     cfg = lora.LoRAConfig(targets=tuple(targets), rank=8, preset=None)
-    params, c, rep = A.extract(base, lora.unflatten(voice), rank=8, config_targets=cfg, probe=False)
+    ex, rep = A.extract(base, lora.unflatten(voice), rank=8, config_targets=cfg, model=model, probe=False)
+    params, c = ex.params, ex.config
+    assert ex.kinds == {"dec/ups/0": "ConvTranspose1d", "dec/conv_pre": "Conv1d", "dec/resblocks/3/convs1/1": "Conv1d"}
     by = {r.path: r for r in rep.energy.layers}
     for p, kind in targets.items():
         d = (voice[p + "/kernel"].astype(np.float64) - flat[p + "/kernel"].astype(np.float64))
@@ -324,7 +382,7 @@ def test_extract_rank8_energy_matches_direct_svd(narrow):
         assert by[p].kept == pytest.approx(want, rel=1e-4), p
         assert by[p].discarded == pytest.approx(float((s[8:] ** 2).sum()), rel=1e-3), p
         # and the stored factors reproduce the truncated reconstruction
-        merged = lora.flatten(lora.merge(base, params, c))
+        merged = lora.flatten(lora.merge(base, params, c, kinds=ex.kinds))
         got = np.asarray(merged[p + "/kernel"], np.float64) - flat[p + "/kernel"]
         gm = got.reshape(k * i, o) if kind == "conv" else got.transpose(1, 0, 2).reshape(i, k * o)
         u, sv, vt = np.linalg.svd(m, full_matrices=False)

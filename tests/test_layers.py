@@ -21,12 +21,15 @@ from flax import nnx
 
 from rvclora_jax import lora
 from rvclora_jax.layers import (
+    LAYER_KINDS,
+    Adaptable,
     Conv1d,
     ConvTranspose1d,
     Dense,
     LoRAParam,
-    delta_kernel,
+    layer_kind,
     lora_scaling,
+    register_layer_kind,
 )
 
 B, T = 2, 13  # odd T, not a multiple of any stride used below
@@ -268,14 +271,110 @@ def test_factor_shapes_init_and_delta_closed_form(case, rng):
     want = ref_delta(case, layer.lora_a[...], layer.lora_b[...], ALPHA / RANK)
     assert want.shape == layer.kernel[...].shape
     assert rel_err(layer.delta_kernel(), want) <= 1e-6
-    # the bare-array function agrees too (used by the pure merge)
-    got = delta_kernel(layer.lora_a[...], layer.lora_b[...], 0.25)
-    assert rel_err(got, ref_delta(case, layer.lora_a[...], layer.lora_b[...], 0.25)) <= 1e-6
+    # the kind's bare-array delta, looked up by name as merges do, agrees too (jnp and float64 numpy)
+    kind = layer_kind(layer.kind)
+    assert kind is cls and layer.kind == cls.__name__
+    want = ref_delta(case, layer.lora_a[...], layer.lora_b[...], 0.25)
+    assert rel_err(kind.delta(layer.lora_a[...], layer.lora_b[...], 0.25), want) <= 1e-6
+    got64 = kind.delta(layer.lora_a[...], layer.lora_b[...], 0.25, xp=np)
+    assert got64.dtype == np.float64 and rel_err(got64, want) <= 1e-12
+    # shapes from the kind alone: factor shapes of a kernel shape, and back
+    assert kind.factor_shapes(layer.kernel.shape, RANK) == (a_shape, b_shape, fan_in)
+    assert kind.kernel_shape_of(a_shape, b_shape) == tuple(layer.kernel.shape)
+    assert kind.rank_of(a_shape) == RANK
 
 
-def test_delta_kernel_rejects_non_factor_pairs():
+def test_delta_rejects_non_factor_pairs():
+    for kind in (Dense, Conv1d, ConvTranspose1d):
+        with pytest.raises(ValueError, match="not a LoRA factor pair"):
+            kind.delta(jnp.ones((2, 3, 4)), jnp.ones((4, 3, 2)), 1.0)
     with pytest.raises(ValueError, match="not a LoRA factor pair"):
-        delta_kernel(jnp.ones((2, 3, 4)), jnp.ones((4, 3, 2)), 1.0)
+        Dense.kernel_shape_of((4, 3), (2, 6))  # ranks disagree
+
+
+# The LoRA basis written out by hand for each kind (module docstring of layers.py): the
+# matrix M = A·B that SVD works on, with A, B as reshapes of the factors.
+def ref_matrix(cls, a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if cls is Dense:
+        return a, b
+    if cls is Conv1d:
+        k, i, r = a.shape
+        return a.reshape(k * i, r), b
+    k, r, o = b.shape
+    return a, b.transpose(1, 0, 2).reshape(r, k * o)
+
+
+@pytest.mark.parametrize("case", ONE_PER_TYPE)
+def test_lora_basis_matrix_round_trip(case, rng):
+    cls, _ = CASES[case]
+    kshape = tuple(make(case).kernel.shape)
+    a_shape, b_shape, _ = cls.factor_shapes(kshape, RANK)
+    a, b = rng.normal(size=a_shape), rng.normal(size=b_shape)
+    A, Bm = ref_matrix(cls, a, b)
+    delta = ref_delta(case, a, b, 1.0)
+    np.testing.assert_allclose(cls.to_matrix(delta), A @ Bm, rtol=1e-12, atol=1e-12)
+    # from_matrix is the inverse reshape: any factors of M give back ΔW
+    U, S, Vt = np.linalg.svd(A @ Bm, full_matrices=False)
+    fa, fb = cls.from_matrix(U[:, :RANK] * S[:RANK], Vt[:RANK], kshape)
+    assert fa.shape == a_shape and fb.shape == b_shape
+    np.testing.assert_allclose(ref_delta(case, fa, fb, 1.0), delta, rtol=1e-10, atol=1e-10)
+    # ranks concatenate along rank_axes: [a1|a2]·[b1;b2] = ΔW1 + ΔW2
+    ia, ib = cls.rank_axes()
+    a2, b2 = rng.normal(size=a_shape), rng.normal(size=b_shape)
+    cat = ref_delta(case, np.concatenate([a, a2], ia), np.concatenate([b, b2], ib), 1.0)
+    np.testing.assert_allclose(cat, delta + ref_delta(case, a2, b2, 1.0), rtol=1e-12, atol=1e-12)
+
+
+def test_layer_kind_registry():
+    assert {k: LAYER_KINDS[k] for k in ("Dense", "Conv1d", "ConvTranspose1d")} == {
+        "Dense": Dense, "Conv1d": Conv1d, "ConvTranspose1d": ConvTranspose1d}
+    with pytest.raises(ValueError, match="unknown layer kind 'Conv3d'"):
+        layer_kind("Conv3d")
+    with pytest.raises(ValueError, match="already registered"):
+        register_layer_kind("Dense", "ir,ro->io")(type("Other", (Dense,), {}))
+    with pytest.raises(ValueError, match="rank axis"):
+        register_layer_kind("Bad", "ij,jo->io")
+    with pytest.raises(ValueError, match="exactly one factor"):
+        register_layer_kind("Bad", "kir,kro->kio")
+    with pytest.raises(TypeError, match="not an Adaptable"):
+        register_layer_kind("Bad", "ir,ro->io")(object)
+    assert "Bad" not in LAYER_KINDS and issubclass(Dense, Adaptable)
+
+
+# torch modules and the layer whose torch hook must map their weight onto our kernel layout
+HOOK_CASES = {
+    "dense": (lambda: torch.nn.Linear(4, 6), lambda: Dense(4, 6, rngs=nnx.Rngs(0))),
+    "conv": (lambda: torch.nn.Conv1d(4, 6, 3, padding=1), lambda: Conv1d(4, 6, 3, padding=1, rngs=nnx.Rngs(0))),
+    "conv_kx1": (lambda: torch.nn.Conv2d(4, 6, (5, 1), stride=(3, 1), padding=(2, 0)),
+                 lambda: Conv1d(4, 6, 5, stride=3, padding=2, torch_kx1=True, rngs=nnx.Rngs(0))),
+    "convT": (lambda: torch.nn.ConvTranspose1d(6, 4, 4, stride=2, padding=1),
+              lambda: ConvTranspose1d(6, 4, 4, stride=2, padding=1, rngs=nnx.Rngs(0))),
+}
+
+
+@pytest.mark.parametrize("case", list(HOOK_CASES))
+def test_torch_hooks_load_torch_modules(case, rng):
+    """``from_torch`` turns the torch module's weight into our kernel: the layer then computes
+    the torch module's output; ``to_torch`` gives the torch weight back exactly."""
+    make_torch, make_ours = HOOK_CASES[case]
+    torch.manual_seed(0)
+    tm, layer = make_torch(), make_ours()
+    w = tm.weight.detach().numpy()
+    layer.kernel[...] = jnp.asarray(layer.from_torch(w))
+    layer.bias[...] = jnp.asarray(tm.bias.detach().numpy())
+    np.testing.assert_array_equal(layer.to_torch(np.asarray(layer.kernel[...])), w)
+    cin = w.shape[0] if case == "convT" else w.shape[1]
+    x = rng.normal(size=(2, 13, cin)).astype(np.float32)
+    with torch.no_grad():
+        tx = torch.tensor(x)
+        if case == "dense":
+            want = tm(tx).numpy()
+        elif case == "conv_kx1":
+            want = tm(tx.permute(0, 2, 1)[..., None])[..., 0].permute(0, 2, 1).numpy()
+        else:
+            want = tm(tx.permute(0, 2, 1)).permute(0, 2, 1).numpy()
+    assert rel_err(layer(jnp.asarray(x)), want) <= 1e-5
 
 
 def test_gaussian_init(rng):

@@ -1,5 +1,5 @@
-"""LoRA configuration, injection, training split, pure merge, adapter files, summaries
-(rvclora_jax/lora.py), on a tiny model laid out like RVC (``dec.ups.0``,
+"""LoRA configuration, injection, training split, pure merge, summaries (rvclora_jax/lora.py)
+and adapter files (rvclora_jax/adapters/files.py), on a tiny model laid out like RVC (``dec.ups.0``,
 ``dec.resblocks.0.convs1.0``, ``enc_p.emb_phone``, ...).
 
 References are independent of the code under test: merged kernels are computed with
@@ -22,8 +22,10 @@ import optax
 import pytest
 from flax import nnx
 
+from rvclora_jax import adapters as A
 from rvclora_jax import lora
 from rvclora_jax.layers import Conv1d, ConvTranspose1d, Dense, LoRAParam
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.lora import LoRAConfig
 
 PHONE, H, C1, C2 = 6, 8, 4, 2
@@ -197,6 +199,7 @@ def test_model_layer_table_matches_model():
     model = TinyRVC(rngs=nnx.Rngs(0))
     found = {p: (type(m).__name__, tuple(m.kernel[...].shape), m.bias is not None)
              for p, m in lora.iter_lora_layers(model)}
+    assert lora.layer_kinds(model) == {p: kind for p, (kind, *_) in LAYERS.items()}
     want = {}
     for p, (kind, i, o, k, bias) in LAYERS.items():
         shape = (i, o) if kind == "Dense" else (k, i, o)
@@ -223,6 +226,16 @@ def test_presets_select_expected_layers(preset, expected):
 def test_presets_and_default():
     assert set(lora.PRESETS) == {"ups", "generator", "generator+flow", "generator+prior"}
     assert LoRAConfig().targets == LoRAConfig.from_preset("generator").targets
+    # preset names where the targets came from: the default, a named one, or none for custom targets
+    assert LoRAConfig().preset == "generator"
+    assert LoRAConfig(preset="ups") == LoRAConfig.from_preset("ups")
+    assert LoRAConfig(targets=(r"dec/ups/\d+",)).preset is None
+    assert LoRAConfig.from_preset("ups", family=RVC).targets == RVC.lora_presets["ups"][0]
+    with pytest.raises(ValueError, match="unknown preset"):
+        LoRAConfig(preset="everything")
+    # files written before the fix name a preset next to custom targets: they load as written
+    old = LoRAConfig.from_dict({**LoRAConfig(targets=("enc_p/proj",)).to_dict(), "preset": "generator"})
+    assert old.targets == ("enc_p/proj",) and old.preset == "generator"
     assert LoRAConfig().alpha == LoRAConfig().rank  # alpha defaults to rank: scaling 1
     # the generator preset covers the RVC generator's own module names
     cfg = LoRAConfig.from_preset("generator")
@@ -609,9 +622,9 @@ def test_merge_errors():
 # --------------------------------------------------------------------------------------
 def _save(tmp_path, model, cfg, name="adapter", fingerprint=True, **kw):
     adapter, base = _trees(model)
-    fp = lora.fingerprint(base) if fingerprint else None
+    fp = A.fingerprint(base) if fingerprint else None
     d = str(tmp_path / name)
-    assert lora.save_adapter(d, adapter, cfg, base_fingerprint=fp, **kw) == d
+    assert A.save_adapter(d, adapter, cfg, base_fingerprint=fp, **kw) == d
     return d, adapter, base, fp
 
 
@@ -631,10 +644,13 @@ def test_save_load_round_trip(tmp_path):
         raw = json.load(f)
     assert raw["base_fingerprint"] == fp and set(fp) == {"structure", "weights"}
     assert raw["lora"]["rank"] == 2
+    # format 2 records every adapted layer's kind (the hand-written table above)
+    assert raw["format_version"] == 2
+    assert raw["layer_kinds"] == {p: LAYERS[p][0] for p in GENERATOR | PRIOR}
 
     want = snapshot(adapter)
     for src in (d, os.path.join(d, "adapter.safetensors")):
-        loaded = lora.load_adapter(src)
+        loaded = A.load_adapter(src)
         assert os.path.abspath(loaded.directory) == os.path.abspath(d)
         got = lora.flatten(loaded.params)
         assert set(got) == set(want)
@@ -642,8 +658,52 @@ def test_save_load_round_trip(tmp_path):
             assert got[p].dtype == v.dtype
             np.testing.assert_array_equal(got[p], v)
         assert loaded.config == cfg
-        assert loaded.base_fingerprint == fp == lora.fingerprint(base)
+        assert loaded.base_fingerprint == fp == A.fingerprint(base)
         assert loaded.metadata == {"steps": 10, "note": "hi"}
+        assert loaded.kinds == raw["layer_kinds"]
+
+
+def _as_version_1(d):
+    """Rewrite an adapter config as format 1 wrote it: no layer_kinds."""
+    cpath = os.path.join(d, "adapter_config.json")
+    raw = json.load(open(cpath))
+    raw["format_version"] = 1
+    del raw["layer_kinds"]
+    json.dump(raw, open(cpath, "w"))
+
+
+def test_version_1_files_still_load_and_apply(tmp_path):
+    cfg = LoRAConfig.from_preset("generator+prior", rank=2)
+    model = make_adapted(cfg)
+    phone, har = inputs()
+    y = np.asarray(model(phone, har))
+    d, *_ = _save(tmp_path, model, cfg)
+    _as_version_1(d)
+    want = {p: LAYERS[p][0] for p in GENERATOR | PRIOR}
+    assert A.load_adapter(d).kinds == want  # from the factor ndims (the documented fallback)
+    assert A.load_adapter(d, model=TinyRVC(rngs=nnx.Rngs(0))).kinds == want  # from the model
+    fresh = TinyRVC(rngs=nnx.Rngs(0))
+    A.apply_adapter(fresh, A.load_adapter(d, model=fresh))
+    np.testing.assert_array_equal(np.asarray(fresh(phone, har)), y)
+
+
+def test_recorded_kinds_are_checked(tmp_path):
+    cfg = LoRAConfig.from_preset("ups", rank=2)
+    d, *_ = _save(tmp_path, make_adapted(cfg), cfg)
+    cpath = os.path.join(d, "adapter_config.json")
+    raw = json.load(open(cpath))
+    json.dump({**raw, "layer_kinds": {**raw["layer_kinds"], "dec/ups/0": "Conv3d"}}, open(cpath, "w"))
+    with pytest.raises(ValueError, match=r"dec\.ups\.0.*unknown layer kind 'Conv3d'"):
+        A.load_adapter(d)
+    json.dump({**raw, "layer_kinds": {"dec/ups/0": "ConvTranspose1d"}}, open(cpath, "w"))
+    with pytest.raises(ValueError, match=r"layer_kinds and the weights disagree on dec\.ups\.1"):
+        A.load_adapter(d)
+    # a kind the model's layer is not
+    json.dump({**raw, "layer_kinds": {**raw["layer_kinds"], "dec/ups/1": "Dense"}}, open(cpath, "w"))
+    target = TinyRVC(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"dec\.ups\.1 is a Dense in the adapter but a ConvTranspose1d"):
+        A.apply_adapter(target, A.load_adapter(d))
+    assert not adapted_paths(target)
 
 
 def test_fingerprint_semantics():
@@ -651,15 +711,15 @@ def test_fingerprint_semantics():
     _, base_same = _trees(make_adapted(LoRAConfig(rank=3)))  # adapter does not enter the fingerprint
     _, base_other_w = _trees(TinyRVC(rngs=nnx.Rngs(3)))
     _, base_other_arch = _trees(TinyRVC(rngs=nnx.Rngs(0), extra=True))
-    fp = lora.fingerprint(base)
-    assert lora.fingerprint(base_same) == fp
-    assert lora.fingerprint(base_other_w)["structure"] == fp["structure"]
-    assert lora.fingerprint(base_other_w)["weights"] != fp["weights"]
-    assert lora.fingerprint(base_other_arch)["structure"] != fp["structure"]
-    assert lora.fingerprint(base, with_weights=False) == {"structure": fp["structure"]}
+    fp = A.fingerprint(base)
+    assert A.fingerprint(base_same) == fp
+    assert A.fingerprint(base_other_w)["structure"] == fp["structure"]
+    assert A.fingerprint(base_other_w)["weights"] != fp["weights"]
+    assert A.fingerprint(base_other_arch)["structure"] != fp["structure"]
+    assert A.fingerprint(base, with_weights=False) == {"structure": fp["structure"]}
     # lora leaves in the tree are ignored
     params = nnx.to_pure_dict(nnx.state(make_adapted(LoRAConfig(rank=2)), nnx.Param))
-    assert lora.fingerprint(params) == fp
+    assert A.fingerprint(params) == fp
 
 
 def test_apply_adapter_reproduces_outputs(tmp_path):
@@ -670,7 +730,7 @@ def test_apply_adapter_reproduces_outputs(tmp_path):
     d, adapter, _, _ = _save(tmp_path, model, cfg)
 
     fresh = TinyRVC(rngs=nnx.Rngs(0))
-    paths = lora.apply_adapter(fresh, lora.load_adapter(d))
+    paths = A.apply_adapter(fresh, A.load_adapter(d))
     assert set(paths) == GENERATOR | PRIOR == adapted_paths(fresh)
     got = flat_state(nnx.state(fresh, LoRAParam))
     for p, v in snapshot(adapter).items():
@@ -686,14 +746,14 @@ def test_rank_pattern_order_survives_save_load(tmp_path):
     model = make_adapted(cfg)
     assert layers_of(model)["dec/ups/0"].lora_rank == 3
     d, *_ = _save(tmp_path, model, cfg)
-    loaded = lora.load_adapter(d)
+    loaded = A.load_adapter(d)
     assert loaded.config.rank_pattern == cfg.rank_pattern
     assert loaded.config == cfg
     assert loaded.config.rank_for("dec/ups/0") == 3
     assert loaded.config.alpha_for("dec/ups/1") == 5.0
     phone, har = inputs()
     fresh = TinyRVC(rngs=nnx.Rngs(0))
-    lora.apply_adapter(fresh, loaded)
+    A.apply_adapter(fresh, loaded)
     np.testing.assert_array_equal(np.asarray(fresh(phone, har)), np.asarray(model(phone, har)))
 
 
@@ -708,7 +768,7 @@ def test_apply_adapter_shape_mismatch_names_key(tmp_path):
     phone, har = inputs()
     y0 = np.asarray(target(phone, har))
     with pytest.raises(ValueError, match=r"dec\.ups\.0 ") as e:
-        lora.apply_adapter(target, lora.load_adapter(d_nofp))
+        A.apply_adapter(target, A.load_adapter(d_nofp))
     assert "(20, 8, 4)" in str(e.value) and "(16, 8, 4)" in str(e.value)
     # a failed apply leaves the model as it was: no adapters, some of them already filled
     assert not adapted_paths(target)
@@ -718,49 +778,49 @@ def test_apply_adapter_shape_mismatch_names_key(tmp_path):
     d, *_ = _save(tmp_path, model, cfg)
     for check_base in (False, True):
         with pytest.raises(ValueError, match=r"dec\.ups\.0 was made for a kernel of shape \(16, 8, 4\)"):
-            lora.apply_adapter(other(), lora.load_adapter(d), check_base=check_base)
+            A.apply_adapter(other(), A.load_adapter(d), check_base=check_base)
 
 
 def test_apply_adapter_architecture_and_weights_checks(tmp_path):
     cfg = LoRAConfig.from_preset("ups", rank=2)
     model = make_adapted(cfg)
     d, *_ = _save(tmp_path, model, cfg)
-    loaded = lora.load_adapter(d)
+    loaded = A.load_adapter(d)
 
     # same adapted layers, extra base layer: only the fingerprint catches it
     extra = TinyRVC(rngs=nnx.Rngs(0), extra=True)
     with pytest.raises(ValueError, match="different model architecture"):
-        lora.apply_adapter(extra, loaded)
+        A.apply_adapter(extra, loaded)
     assert not adapted_paths(extra)  # rejected before anything was injected
-    lora.apply_adapter(TinyRVC(rngs=nnx.Rngs(0), extra=True), loaded, check_base=False)
+    A.apply_adapter(TinyRVC(rngs=nnx.Rngs(0), extra=True), loaded, check_base=False)
 
     # same architecture, other weights: a warning, then applied
     other_w = TinyRVC(rngs=nnx.Rngs(3))
     with pytest.warns(UserWarning, match="different base"):
-        lora.apply_adapter(other_w, loaded)
+        A.apply_adapter(other_w, loaded)
     assert adapted_paths(other_w) == UPS
 
     # same base: no warning
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        lora.apply_adapter(TinyRVC(rngs=nnx.Rngs(0)), loaded)
+        A.apply_adapter(TinyRVC(rngs=nnx.Rngs(0)), loaded)
 
 
 def test_apply_adapter_key_mismatches(tmp_path):
     model = make_adapted(LoRAConfig.from_preset("generator", rank=2))
     adapter, base = _trees(model)
     # weights for layers the (narrower) config does not adapt
-    d = lora.save_adapter(str(tmp_path / "wide"), adapter, LoRAConfig.from_preset("ups", rank=2))
+    d = A.save_adapter(str(tmp_path / "wide"), adapter, LoRAConfig.from_preset("ups", rank=2))
     target = TinyRVC(rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dec\.(conv_pre|conv_post|resblocks\.\d\.convs[12]\.\d)"):
-        lora.apply_adapter(target, lora.load_adapter(d))
+        A.apply_adapter(target, A.load_adapter(d))
     assert not adapted_paths(target)
     # config adapts layers the file has no weights for
     ups_only = {"dec": {"ups": lora.unflatten(
         {k[len("dec/ups/"):]: v for k, v in lora.flatten(adapter).items() if k.startswith("dec/ups/")})}}
-    d2 = lora.save_adapter(str(tmp_path / "narrow"), ups_only, LoRAConfig.from_preset("generator", rank=2))
+    d2 = A.save_adapter(str(tmp_path / "narrow"), ups_only, LoRAConfig.from_preset("generator", rank=2))
     with pytest.raises(ValueError, match=r"lacks weights for dec\."):
-        lora.apply_adapter(TinyRVC(rngs=nnx.Rngs(0)), lora.load_adapter(d2))
+        A.apply_adapter(TinyRVC(rngs=nnx.Rngs(0)), A.load_adapter(d2))
 
 
 def test_load_adapter_missing_files(tmp_path):
@@ -769,24 +829,24 @@ def test_load_adapter_missing_files(tmp_path):
 
     missing_dir = str(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=re.escape(missing_dir)):
-        lora.load_adapter(missing_dir)
+        A.load_adapter(missing_dir)
 
     os.rename(os.path.join(d, "adapter.safetensors"), os.path.join(tmp_path, "moved.safetensors"))
     with pytest.raises(FileNotFoundError, match=r"adapter\.safetensors"):
-        lora.load_adapter(d)
+        A.load_adapter(d)
     os.rename(os.path.join(tmp_path, "moved.safetensors"), os.path.join(d, "adapter.safetensors"))
-    lora.load_adapter(d)  # back in place: fine
+    A.load_adapter(d)  # back in place: fine
 
     os.remove(os.path.join(d, "adapter_config.json"))
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
-        lora.load_adapter(d)
+        A.load_adapter(d)
     with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
-        lora.load_adapter(os.path.join(d, "adapter.safetensors"))
+        A.load_adapter(os.path.join(d, "adapter.safetensors"))
 
     stray = tmp_path / "weights.bin"
     stray.write_bytes(b"x")
     with pytest.raises(ValueError, match="adapter directory"):
-        lora.load_adapter(str(stray))
+        A.load_adapter(str(stray))
 
 
 def test_load_adapter_rejects_bad_config(tmp_path):
@@ -796,13 +856,13 @@ def test_load_adapter_rejects_bad_config(tmp_path):
     raw = json.load(open(cpath))
     json.dump({**raw, "format_version": 99}, open(cpath, "w"))
     with pytest.raises(ValueError, match="format_version"):
-        lora.load_adapter(d)
+        A.load_adapter(d)
     json.dump({**raw, "format": "peft"}, open(cpath, "w"))
     with pytest.raises(ValueError, match="not an rvclora adapter"):
-        lora.load_adapter(d)
+        A.load_adapter(d)
     open(cpath, "w").write("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        lora.load_adapter(d)
+        A.load_adapter(d)
 
 
 # --------------------------------------------------------------------------------------

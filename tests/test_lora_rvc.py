@@ -9,6 +9,7 @@ from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_convert.state_dict import flax_to_torch, torch_to_flax
+from rvclora_jax import adapters as A
 from rvclora_jax import lora
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.params import load_params
@@ -136,9 +137,9 @@ def test_speaker_embedding_delta_trains_one_row_and_merges_exactly(tmp_path):
     plain = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(7), with_enc_q=False)
     load_params(plain, merged)
     assert_close(plain.infer(*x)[0], y1, atol=1e-5, name="merged speaker delta")
-    lora.save_adapter(str(tmp_path), ad, cfg, base_fingerprint=lora.fingerprint(base))
+    A.save_adapter(str(tmp_path), ad, cfg, base_fingerprint=A.fingerprint(base))
     fresh = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(0), with_enc_q=False)
-    lora.apply_adapter(fresh, lora.load_adapter(str(tmp_path)))
+    A.apply_adapter(fresh, A.load_adapter(str(tmp_path)))
     np.testing.assert_array_equal(np.asarray(fresh.infer(*x)[0]), np.asarray(y1))
     back = lora.unmerge(merged, ad, cfg)
     np.testing.assert_allclose(np.asarray(back["emb_g"]["embedding"]), np.asarray(base["emb_g"]["embedding"]),

@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rvclora", description="Exact LoRA fine-tuning of RVC voice models in JAX.")
     p.add_argument("--version", action="version", version=f"rvclora-jax {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    from ..adapters import add_adapters_parser
+    from .adapters import register
 
-    add_adapters_parser(sub)
+    register(sub)
     from ..render import add_render_parser
 
     add_render_parser(sub)

@@ -1,22 +1,21 @@
 """Adapter arithmetic: exact mixing, SVD re-compression, extraction from a fine-tuned
 voice, and a human-readable summary.
 
-Conventions (see ``layers.py`` for the factorisations)::
+Every layer kind is a plain matrix product ``M = A·B`` in its *LoRA basis*, which the
+layer class owns (:meth:`~rvclora_jax.layers.Adaptable.to_matrix` /
+:meth:`~rvclora_jax.layers.Adaptable.from_matrix`, see ``layers.py``)::
 
-    Dense            a[in, r]     b[r, out]      ΔW[i, o]    = s·Σ_r a[i, r] b[r, o]
-    Conv1d           a[K, in, r]  b[r, out]      ΔW[k, i, o] = s·Σ_r a[k, i, r] b[r, o]
-    ConvTranspose1d  a[in, r]     b[K, r, out]   ΔW[k, i, o] = s·Σ_r a[i, r] b[k, r, o]
-
-Every layer kind is a plain matrix product ``M = A·B`` in its *LoRA basis*:
-
-    Dense            M = ΔW                        [in, out]
+    Dense            M = ΔW                        [in, out]      A = a, B = b
     Conv1d           M = ΔW.reshape(K·in, out)     A = a.reshape(K·in, r), B = b
-    ConvTranspose1d  M = ΔW.transpose(1,0,2)       [in, K·out], A = a,
+    ConvTranspose1d  M = ΔW.transpose(1,0,2)       [in, K·out],   A = a,
                          .reshape(in, K·out)       B = b.transpose(1,0,2).reshape(r, K·out)
 
 so the best rank-k adapter of a layer (in Frobenius norm) is the truncated SVD of M.
+The kind of every layer comes from the adapter (``Adapter.kinds``, recorded in its
+file) or from the model, never from its name.
 
-* :func:`mix` is *exact*: ranks are concatenated per layer. Each output layer gets
+* :func:`mix` is *exact*: ranks are concatenated per layer (along each factor's rank
+  axis, :meth:`~rvclora_jax.layers.Adaptable.rank_axes`). Each output layer gets
   scaling 1 (``alpha_pattern`` = its rank, no rsLoRA) and the factors of adapter ``j``
   enter as ``[a_j]`` / ``[w_j·s_j·b_j]``, so ``A_mix·B_mix = Σ_j w_j s_j A_j B_j``.
   Embedding deltas (``lora_delta``) add as ``Σ_j w_j·delta_j``.
@@ -27,87 +26,40 @@ so the best rank-k adapter of a layer (in Frobenius norm) is the truncated SVD o
   relative attention embeddings, untargeted kernels, the speaker table unless
   ``keep_full``).
 
-No torch at import time: ``.pth`` files are read through ``rvclora_convert.export`` inside the
-functions that need them.
+Plain parameter trees in, :class:`~rvclora_jax.adapters.files.Adapter` objects out; no
+file formats (``.pth`` files are read by the CLI through ``rvclora_convert``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import lora
-from .lora import DELTA_KEY, Adapter, LoRAConfig
-
-DENSE, CONV, CONVT = "Dense", "Conv1d", "ConvTranspose1d"
+from .. import lora
+from ..families.rvc import RVC
+from ..layers import layer_kind
+from ..lora import DELTA_KEY, LoRAConfig
+from ..tree import flatten, leaf_name, parent, unflatten
+from .files import ADAPTER_WEIGHTS, Adapter
 
 
 # ---------------------------------------------------------------------------------
-# Basis helpers
+# SVD in a layer's LoRA basis
 # ---------------------------------------------------------------------------------
-def factor_kind(a, b) -> str:
-    a_nd, b_nd = np.ndim(a), np.ndim(b)
-    if a_nd == 2 and b_nd == 2:
-        return DENSE
-    if a_nd == 3 and b_nd == 2:
-        return CONV
-    if a_nd == 2 and b_nd == 3:
-        return CONVT
-    raise ValueError(f"not a LoRA factor pair: a{tuple(np.shape(a))}, b{tuple(np.shape(b))}")
-
-
-def delta_of(a, b, scaling: float) -> np.ndarray:
-    """ΔW in the kernel's layout, in float64 (numpy)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    kind = factor_kind(a, b)
-    if kind == DENSE:
-        d = a @ b
-    elif kind == CONV:
-        d = np.einsum("kir,ro->kio", a, b)
-    else:
-        d = np.einsum("ir,kro->kio", a, b)
-    return d * float(scaling)
-
-
-def to_matrix(delta: np.ndarray, kind: str) -> np.ndarray:
-    """ΔW (kernel layout) → M in the layer's LoRA basis."""
-    delta = np.asarray(delta)
-    if kind == DENSE:
-        return delta
-    if kind == CONV:
-        k, i, o = delta.shape
-        return delta.reshape(k * i, o)
-    if kind == CONVT:
-        k, i, o = delta.shape
-        return delta.transpose(1, 0, 2).reshape(i, k * o)
-    raise ValueError(f"unknown layer kind {kind!r}")
-
-
-def factors_from_matrix(A: np.ndarray, B: np.ndarray, kind: str, kernel_shape) -> tuple[np.ndarray, np.ndarray]:
-    """``M = A·B`` factors (A [rows, r], B [r, cols]) → ``(a, b)`` in the layer's layout."""
-    r = A.shape[1]
-    if kind == DENSE:
-        return A, B
-    k, i, o = kernel_shape
-    if kind == CONV:
-        return A.reshape(k, i, r), B
-    return A, B.reshape(r, k, o).transpose(1, 0, 2)
-
-
 def _svd_factors(delta: np.ndarray, kind: str, rank: int):
     """Truncated SVD of ΔW in the LoRA basis: ``(a, b, sigma, kept)`` with scaling 1."""
-    M = to_matrix(np.asarray(delta, np.float64), kind)
+    cls = layer_kind(kind)
+    M = cls.to_matrix(np.asarray(delta, np.float64))
     U, S, Vt = np.linalg.svd(M, full_matrices=False)
     k = max(1, min(int(rank), S.size))
     root = np.sqrt(S[:k])
     A = U[:, :k] * root[None, :]
     B = root[:, None] * Vt[:k]
-    a, b = factors_from_matrix(A, B, kind, np.shape(delta))
+    a, b = cls.from_matrix(A, B, np.shape(delta))
     return a.astype(np.float32), b.astype(np.float32), S, k
 
 
@@ -156,7 +108,7 @@ def _config_for(ranks: Mapping[str, int], embeddings: Sequence[str], rank: int |
 # ---------------------------------------------------------------------------------
 # Mixing
 # ---------------------------------------------------------------------------------
-def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[dict, LoRAConfig]:
+def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     """Exact weighted sum ``Σ_j w_j·ΔW_j`` of adapters, by concatenating ranks per layer.
 
     The mixed layer ``p`` has rank ``Σ_j r_j`` (over the adapters that have ``p``) and
@@ -164,7 +116,9 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[dict, Lo
     factor and ``w_j·s_j·b_j`` in the B factor (``s_j`` its own scaling). Layers present
     in only some adapters are fine (the others contribute zero). Embedding deltas add as
     ``Σ_j w_j·delta_j``. Raises ``ValueError`` if the adapters were made for different
-    model architectures (base fingerprint ``structure``) or disagree on a layer's shape."""
+    model architectures (base fingerprint ``structure``) or disagree on a layer's kind
+    or shape. The result (not saved: ``directory`` is ``""``) carries
+    :func:`mixed_fingerprint` and ``metadata["mixed_from"]``."""
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters:
         raise ValueError("mix: no adapters given")
@@ -183,13 +137,14 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[dict, Lo
         layers = lora.adapter_layers(ad.params)
         for path, (a, b) in layers.items():
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            kind = factor_kind(a, b)
-            shape = lora._implied_kernel_shape(a, b)
+            kind = ad.kinds[path]
+            cls = layer_kind(kind)
+            shape = cls.kernel_shape_of(a.shape, b.shape)
             if path in shapes and shapes[path][:2] != (shape, kind):
                 raise ValueError(f"mix: {path.replace('/', '.')} is a {kind} {shape} in {ad.directory} but a "
                                  f"{shapes[path][1]} {shapes[path][0]} in {shapes[path][2]}")
             shapes.setdefault(path, (shape, kind, ad.directory))
-            s = ad.config.scaling_for(path, int(a.shape[-1]))
+            s = ad.config.scaling_for(path, cls.rank_of(a.shape))
             blocks.setdefault(path, []).append((a, w * s * b))
         for path, dv in lora.adapter_deltas(ad.params).items():
             dv = np.asarray(dv, np.float64)
@@ -199,15 +154,19 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> tuple[dict, Lo
             deltas[path] = deltas.get(path, 0.0) + w * dv
     flat: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
+    kinds: dict[str, str] = {}
     for path, bl in blocks.items():
-        kind = shapes[path][1]
-        a = np.concatenate([x for x, _ in bl], axis=-1)
-        b = np.concatenate([y for _, y in bl], axis=1 if kind == CONVT else 0)
+        kinds[path] = shapes[path][1]
+        a_axis, b_axis = layer_kind(kinds[path]).rank_axes()
+        a = np.concatenate([x for x, _ in bl], axis=a_axis)
+        b = np.concatenate([y for _, y in bl], axis=b_axis)
         flat[f"{path}/lora_a"], flat[f"{path}/lora_b"] = a.astype(np.float32), b.astype(np.float32)
-        ranks[path] = int(a.shape[-1])
+        ranks[path] = int(a.shape[a_axis])
     for path, dv in deltas.items():
         flat[f"{path}/{DELTA_KEY}"] = np.asarray(dv, np.float32)
-    return lora.unflatten(flat), _config_for(ranks, list(deltas))
+    meta = {"mixed_from": [f"{ad.directory}:{w:g}" for ad, w in zip(adapters, weights)]}
+    return Adapter(unflatten(flat), _config_for(ranks, list(deltas)), mixed_fingerprint(adapters), meta,
+                   kinds=kinds)
 
 
 def mixed_fingerprint(adapters: Sequence[Adapter]) -> dict:
@@ -256,22 +215,25 @@ class EnergyReport:
         return "\n".join(lines)
 
 
-def compress(params: Mapping, config: LoRAConfig, rank: int) -> tuple[dict, LoRAConfig, EnergyReport]:
+def compress(adapter: Adapter, rank: int) -> tuple[Adapter, EnergyReport]:
     """Re-factor every adapter layer by truncated SVD to at most ``rank`` (scaling 1).
 
     Keeps the top ``min(rank, full)`` singular triplets of ΔW in the layer's LoRA basis,
     so the result is the best rank-``rank`` adapter of each layer in Frobenius norm;
     lossless when ``rank`` reaches the layer's current rank. Embedding deltas are kept
-    as they are. The report gives per layer ``Σσ_kept²/Σσ²`` and ``Σσ_discarded²``."""
+    as they are; so are the fingerprint and metadata (plus ``compressed_rank`` and
+    ``energy_kept``). The report gives per layer ``Σσ_kept²/Σσ²`` and ``Σσ_discarded²``."""
     if int(rank) < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    params, config = adapter.params, adapter.config
     flat: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
     rows = []
     for path, (a, b) in lora.adapter_layers(params).items():
-        kind = factor_kind(a, b)
-        r_in = int(np.shape(a)[-1])
-        delta = delta_of(a, b, config.scaling_for(path, r_in))
+        kind = adapter.kinds[path]
+        cls = layer_kind(kind)
+        r_in = cls.rank_of(np.shape(a))
+        delta = cls.delta(a, b, config.scaling_for(path, r_in), xp=np)
         na, nb, S, k = _svd_factors(delta, kind, min(int(rank), r_in))
         flat[f"{path}/lora_a"], flat[f"{path}/lora_b"] = na, nb
         ranks[path] = k
@@ -279,7 +241,11 @@ def compress(params: Mapping, config: LoRAConfig, rank: int) -> tuple[dict, LoRA
     for path, dv in lora.adapter_deltas(params).items():
         flat[f"{path}/{DELTA_KEY}"] = np.asarray(dv, np.float32)
     emb = list(lora.adapter_deltas(params))
-    return lora.unflatten(flat), _config_for(ranks, emb, rank), EnergyReport(rows)
+    report = EnergyReport(rows)
+    meta = {**adapter.metadata, "compressed_rank": int(rank), "energy_kept": report.kept}
+    out = Adapter(unflatten(flat), _config_for(ranks, emb, rank), dict(adapter.base_fingerprint), meta,
+                  kinds={p: adapter.kinds[p] for p in ranks})
+    return out, report
 
 
 # ---------------------------------------------------------------------------------
@@ -342,61 +308,38 @@ def _what(path: str, leaf: str, kernels_adaptable: set[str]) -> str:
     return leaf
 
 
-def _layer_kinds(model) -> dict[str, str]:
-    from .layers import ConvTranspose1d, Conv1d, Dense
-
-    out = {}
-    for path, layer in lora.iter_lora_layers(model):
-        out[path] = (CONVT if isinstance(layer, ConvTranspose1d) else CONV if isinstance(layer, Conv1d)
-                     else DENSE if isinstance(layer, Dense) else type(layer).__name__)
-    return out
-
-
-def _embed_paths(model) -> set[str]:
-    from flax import nnx
-
-    from .layers import Embed
-
-    return {lora.path_str(p) for p, m in nnx.iter_modules(model) if isinstance(m, Embed)}
-
-
-def _guess_kinds(flat: Mapping[str, Any]) -> dict[str, str]:
-    """Without a model: 2-D kernels are Dense, 3-D ones Conv1d except RVC's ``dec/ups/*``."""
-    out = {}
-    for p, v in flat.items():
-        if p.endswith("/kernel") and np.ndim(v) in (2, 3):
-            mod = p[: -len("/kernel")]
-            out[mod] = DENSE if np.ndim(v) == 2 else (CONVT if re.fullmatch(r"dec/ups/\d+", mod) else CONV)
-    return out
-
-
 def _rel(d, w) -> float:
     nw = float(np.linalg.norm(np.asarray(w, np.float64)))
     nd = float(np.linalg.norm(np.asarray(d, np.float64)))
     return nd / nw if nw > 0 else (0.0 if nd == 0 else float("inf"))
 
 
-def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
-            config_targets: LoRAConfig | str = "generator+prior", model=None, keep_full: bool = False,
-            probe: bool = True, probe_frames: int = 24, seed: int = 0) -> tuple[dict, LoRAConfig, ExtractReport]:
+def extract(base_params: Mapping, voice_params: Mapping, *, rank: int, model,
+            config_targets: LoRAConfig | str = "generator+prior", keep_full: bool = False,
+            probe: bool = True, probe_frames: int = 24, seed: int = 0, family=RVC) -> tuple[Adapter, ExtractReport]:
     """Adapter (≤ ``rank`` per layer, scaling 1) that best approximates ``voice − base``.
 
     ``base_params`` / ``voice_params``: nested fp32 trees with weight norm folded (as from
-    ``rvclora_convert.export.load_source(...).params``). ``config_targets``: a :class:`LoRAConfig`
-    (only its ``targets`` / ``exclude`` are used) or a preset name. ``model``: an NNX
-    synthesizer of that architecture, used for layer kinds and (if ``probe``) to render a
-    short random input through ``infer`` with noise off, with the voice weights and with
-    base + extracted adapter; it is left unchanged. ``keep_full``: store a changed
-    speaker table (``emb_g``) as a full ``lora_delta`` (``train_embeddings``); every other
-    tensor an adapter cannot hold (biases, LayerNorm, ``emb_rel_*``, untargeted kernels,
-    ``emb_pitch``) is reported only."""
+    ``rvclora_convert.export.load_source(...).params``). ``model``: an NNX model of that
+    architecture; it gives each layer's kind and the embedding tables, and (if ``probe``)
+    renders a short random input through ``infer`` with noise off, with the voice weights
+    and with base + extracted adapter; it is left unchanged. ``config_targets``: a
+    :class:`LoRAConfig` (only its ``targets`` / ``exclude`` are used) or a preset name of
+    ``family``. ``keep_full``: store a changed embedding table (RVC's speaker table
+    ``emb_g``) as a full ``lora_delta`` (``train_embeddings``); every other tensor an
+    adapter cannot hold (biases, LayerNorm, ``emb_rel_*``, untargeted kernels,
+    ``emb_pitch``) is reported only. The family's training-only subtree (RVC: ``enc_q``)
+    is ignored. The result carries no fingerprint or metadata (the caller knows the files)."""
     if int(rank) < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    sel = LoRAConfig.from_preset(config_targets) if isinstance(config_targets, str) else config_targets
-    fb = {p: v for p, v in lora.flatten(base_params).items() if not p.startswith("enc_q/")}
-    fv = {p: v for p, v in lora.flatten(voice_params).items() if not p.startswith("enc_q/")}
+    if model is None:
+        raise ValueError("extract: needs the model (for its layer kinds and embedding tables)")
+    sel = (LoRAConfig.from_preset(config_targets, family=family) if isinstance(config_targets, str)
+           else config_targets)
+    fb = {p: v for p, v in flatten(base_params).items() if not family.is_training_only(p)}
+    fv = {p: v for p, v in flatten(voice_params).items() if not family.is_training_only(p)}
     for name, f in (("base", fb), ("voice", fv)):
-        bad = [p for p in f if p.rsplit("/", 1)[-1] in lora.ADAPTER_LEAVES]
+        bad = [p for p in f if leaf_name(p) in lora.ADAPTER_LEAVES]
         if bad:
             raise ValueError(f"extract: the {name} params contain adapter leaves ({bad[0]}); merge them first")
     common = [p for p in fb if p in fv]
@@ -404,8 +347,8 @@ def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
         if np.shape(fb[p]) != np.shape(fv[p]):
             raise ValueError(f"extract: {p.replace('/', '.')} has shape {np.shape(fb[p])} in the base but "
                              f"{np.shape(fv[p])} in the voice (different architectures)")
-    kinds = _layer_kinds(model) if model is not None else _guess_kinds(fb)
-    embeds = _embed_paths(model) if model is not None else ({"emb_g"} if "emb_g/embedding" in fb else set())
+    kinds = lora.layer_kinds(model)
+    embeds = {p for p, _ in lora.iter_embeddings(model)}
     targets = sorted(p for p in kinds if sel.matches(p) and f"{p}/kernel" in fv and f"{p}/kernel" in fb)
     if not targets:
         raise ValueError(f"extract: targets {list(sel.targets)} match no adaptable layer of the model")
@@ -415,7 +358,7 @@ def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
     tset = set(targets)
     stored_emb = []
     for p in common:
-        mod, leaf = p.rsplit("/", 1) if "/" in p else ("", p)
+        mod, leaf = parent(p), leaf_name(p)
         wb, wv = np.asarray(fb[p], np.float64), np.asarray(fv[p], np.float64)
         d = wv - wb
         if leaf == "kernel" and mod in tset:
@@ -426,7 +369,7 @@ def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
             a, b, S, k = _svd_factors(d, kind, rank)
             flat[f"{mod}/lora_a"], flat[f"{mod}/lora_b"] = a, b
             ranks[mod] = k
-            tol = S[0] * max(to_matrix(d, kind).shape) * np.finfo(np.float32).eps
+            tol = S[0] * max(layer_kind(kind).to_matrix(d).shape) * np.finfo(np.float32).eps
             rows.append(_energy_row(mod, kind, d.shape, S, k, int((S > tol).sum()), _rel(d, wb)))
             continue
         if not np.any(d):
@@ -436,31 +379,29 @@ def extract(base_params: Mapping, voice_params: Mapping, *, rank: int,
             flat[f"{mod}/{DELTA_KEY}"] = d.astype(np.float32)
             stored_emb.append(mod)
         full.append(FullChange(p, _what(p, leaf, set(kinds)), _rel(d, wb), stored))
-    config = _config_for(ranks, stored_emb, rank)
     report = ExtractReport(EnergyReport(rows), unchanged, full,
                            sorted(p for p in fb if p not in fv), sorted(p for p in fv if p not in fb))
-    params = lora.unflatten(flat)
-    if model is not None and probe:
-        report.probe = probe_error(model, base_params, voice_params, params, config,
-                                   frames=probe_frames, seed=seed)
-    return params, config, report
+    adapter = Adapter(unflatten(flat), _config_for(ranks, stored_emb, rank), kinds={p: kinds[p] for p in ranks})
+    if probe:
+        report.probe = probe_error(model, base_params, voice_params, adapter, frames=probe_frames, seed=seed)
+    return adapter, report
 
 
-def probe_error(model, base_params: Mapping, voice_params: Mapping, adapter: Mapping, config: LoRAConfig, *,
+def probe_error(model, base_params: Mapping, voice_params: Mapping, adapter: Adapter, *,
                 frames: int = 24, seed: int = 0) -> dict:
     """Render one random input through ``model.infer`` (noise off, speaker 0) with the voice
     weights and with ``merge(base, adapter)``; ``model`` is restored afterwards."""
     import jax.numpy as jnp
     from flax import nnx
 
-    from .params import load_params
+    from ..params import load_params
 
     state = nnx.state(model, nnx.Param)
-    keys = lora.flatten(nnx.to_pure_dict(state))
+    keys = flatten(nnx.to_pure_dict(state))
     saved = {p: np.asarray(v) for p, v in keys.items()}
-    merged = lora.flatten(lora.merge(base_params, adapter, config)) if lora.flatten(adapter) else lora.flatten(
-        base_params)
-    fb, fv = lora.flatten(base_params), lora.flatten(voice_params)
+    merged = (flatten(lora.merge(base_params, adapter.params, adapter.config, kinds=adapter.kinds))
+              if flatten(adapter.params) else flatten(base_params))
+    fb, fv = flatten(base_params), flatten(voice_params)
     rng = np.random.default_rng(seed)
     B, T = 1, int(frames)
     phone = rng.standard_normal((B, T, model.feature_dim)).astype(np.float32)
@@ -492,9 +433,9 @@ def info(adapter: Adapter) -> str:
     """Config, base fingerprint, file size, per-module rank / scaling / ‖ΔW‖_F, embedding deltas."""
     c = adapter.config
     lines = [f"adapter: {adapter.directory}"]
-    wpath = os.path.join(adapter.directory, lora.ADAPTER_WEIGHTS) if adapter.directory else None
+    wpath = os.path.join(adapter.directory, ADAPTER_WEIGHTS) if adapter.directory else None
     if wpath and os.path.exists(wpath):
-        lines.append(f"file: {lora.ADAPTER_WEIGHTS} {os.path.getsize(wpath):,} bytes")
+        lines.append(f"file: {ADAPTER_WEIGHTS} {os.path.getsize(wpath):,} bytes")
     lines.append(f"config: rank={c.rank} alpha={c.alpha:g} rslora={c.use_rslora} dropout={c.dropout:g} "
                  f"preset={c.preset} init={c.init}")
     lines.append(f"  targets: {list(c.targets)[:6]}{' ...' if len(c.targets) > 6 else ''}")
@@ -515,14 +456,17 @@ def info(adapter: Adapter) -> str:
     total, tn = 0, 0.0
     for path in sorted(layers):
         a, b = layers[path]
-        r = int(np.shape(a)[-1])
+        kind = adapter.kinds[path]
+        cls = layer_kind(kind)
+        r = cls.rank_of(np.shape(a))
         s = c.scaling_for(path, r)
-        n = float(np.linalg.norm(delta_of(a, b, s)))
+        n = float(np.linalg.norm(cls.delta(a, b, s, xp=np)))
         size = int(np.size(a) + np.size(b))
         total += size
         tn += n * n
-        lines.append(f"{path.replace('/', '.'):<40} {factor_kind(a, b):<15} "
-                     f"{str(list(lora._implied_kernel_shape(a, b))):<15} {r:>4} {s:>8.4g} {n:>10.4e} {size:>8,}")
+        lines.append(f"{path.replace('/', '.'):<40} {kind:<15} "
+                     f"{str(list(cls.kernel_shape_of(np.shape(a), np.shape(b)))):<15} {r:>4} {s:>8.4g} {n:>10.4e} "
+                     f"{size:>8,}")
     lines.append("-" * len(head))
     lines.append(f"low-rank modules: {len(layers)}   params: {total:,}   total |dW|_F: {np.sqrt(tn):.4e}")
     for path, dv in sorted(lora.adapter_deltas(adapter.params).items()):
@@ -533,109 +477,5 @@ def info(adapter: Adapter) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------
-def _parse_weighted(spec: str) -> tuple[str, float]:
-    """``DIR:W`` (or ``DIR`` for weight 1). The last ``:`` splits, so paths may contain one."""
-    if ":" in spec:
-        path, w = spec.rsplit(":", 1)
-        try:
-            return path, float(w)
-        except ValueError:
-            if os.path.exists(spec):
-                return spec, 1.0
-            raise ValueError(f"{spec}: expected ADAPTER:WEIGHT with a numeric weight") from None
-    return spec, 1.0
-
-
-def _cmd_mix(args) -> int:
-    specs = [_parse_weighted(s) for s in args.adapters]
-    ads = [lora.load_adapter(p) for p, _ in specs]
-    weights = [w for _, w in specs]
-    params, config = mix(ads, weights)
-    report = None
-    if args.rank is not None:
-        params, config, report = compress(params, config, args.rank)
-    meta = {"mixed_from": [f"{ad.directory}:{w:g}" for ad, w in zip(ads, weights)]}
-    if report is not None:
-        meta["compressed_rank"] = args.rank
-        meta["energy_kept"] = report.kept
-    lora.save_adapter(args.out, params, config, base_fingerprint=mixed_fingerprint(ads), metadata=meta)
-    layers = lora.adapter_layers(params)
-    print(f"mixed {len(ads)} adapters: " + ", ".join(meta["mixed_from"]))
-    print(f"layers: {len(layers)}   max rank: {max((int(np.shape(a)[-1]) for a, _ in layers.values()), default=0)}"
-          f"   embedding deltas: {list(config.train_embeddings)}")
-    if report is not None:
-        print(report.format(max_rows=args.max_rows))
-    print(f"wrote {os.path.abspath(args.out)}")
-    return 0
-
-
-def _cmd_extract(args) -> int:
-    from rvclora_convert.export import load_source
-
-    base, voice = load_source(args.base), load_source(args.voice)
-    for s in (base, voice):
-        if s.kind != "generator":
-            raise ValueError(f"{s.path}: extract needs generators, this is a {s.kind}")
-    fb, fv = lora.fingerprint(base.params, with_weights=False), lora.fingerprint(voice.params, with_weights=False)
-    if fb["structure"] != fv["structure"]:
-        raise ValueError(f"{args.voice} and {args.base} are different model architectures "
-                         f"(structure {fv['structure']} != {fb['structure']})")
-    cfg = LoRAConfig.from_preset(args.targets)
-    params, config, report = extract(base.params, voice.params, rank=args.rank, config_targets=cfg,
-                                     model=base.model, keep_full=args.keep_full, probe=not args.no_probe)
-    if not lora.flatten(params):
-        raise ValueError(f"{args.voice}: no targeted layer differs from {args.base}; nothing to extract")
-    meta = {"extracted_from": os.path.abspath(args.voice), "base": os.path.abspath(args.base),
-            "rank": args.rank, "targets": args.targets, "energy_kept": report.energy.kept}
-    if report.probe:
-        meta["probe_max_abs_err"] = report.probe["max_abs_err"]
-    lora.save_adapter(args.out, params, config, base_fingerprint=lora.fingerprint(base.params), metadata=meta)
-    print(report.format(max_rows=args.max_rows))
-    print(f"wrote {os.path.abspath(args.out)}")
-    return 0
-
-
-def _cmd_info(args) -> int:
-    print(info(lora.load_adapter(args.adapter)))
-    return 0
-
-
-def add_adapters_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``adapters {mix,extract,info}`` on a CLI's subparsers object."""
-    p = subparsers.add_parser("adapters", help="mix, extract (from a fine-tuned voice) and inspect adapters")
-    sub = p.add_subparsers(dest="adapters_command", metavar="ACTION")
-    p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
-
-    mx = sub.add_parser("mix", help="exact weighted sum of adapters (ranks concatenated); optional SVD re-compression")
-    mx.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
-                    help="adapter directories with weights, e.g. a:0.7 b:-0.3 (default weight 1)")
-    mx.add_argument("--out", required=True, help="output adapter directory")
-    mx.add_argument("--rank", type=int, default=None,
-                    help="re-compress each layer to at most this rank by SVD (reports the discarded energy)")
-    mx.add_argument("--max-rows", type=int, default=20, help="rows of the energy table to print")
-    mx.set_defaults(func=_cmd_mix)
-
-    ex = sub.add_parser("extract", help="LoRA adapter approximating VOICE - BASE (truncated SVD per layer)")
-    ex.add_argument("--base", required=True, help="base model (.pth or converted directory)")
-    ex.add_argument("--voice", required=True, help="fine-tuned voice model of the same architecture")
-    ex.add_argument("--rank", type=int, required=True, help="rank per layer (use a large value for exact)")
-    ex.add_argument("--targets", default="generator+prior", choices=list(lora.PRESETS),
-                    help="layers to extract (preset; default generator+prior = everything used at inference)")
-    ex.add_argument("--keep-full", action="store_true",
-                    help="store a changed speaker embedding (emb_g) as a full delta in the adapter")
-    ex.add_argument("--no-probe", action="store_true", help="skip the probe render")
-    ex.add_argument("--max-rows", type=int, default=20, help="rows of the energy table to print")
-    ex.add_argument("--out", required=True, help="output adapter directory")
-    ex.set_defaults(func=_cmd_extract)
-
-    inf = sub.add_parser("info", help="show an adapter's config, fingerprint, ranks and delta norms")
-    inf.add_argument("adapter", help="adapter directory (or its adapter.safetensors)")
-    inf.set_defaults(func=_cmd_info)
-    return p
-
-
-__all__ = ["mix", "compress", "extract", "info", "probe_error", "mixed_fingerprint", "add_adapters_parser",
-           "EnergyReport", "ExtractReport", "LayerEnergy", "FullChange", "to_matrix", "delta_of", "factor_kind"]
+__all__ = ["mix", "compress", "extract", "info", "probe_error", "mixed_fingerprint",
+           "EnergyReport", "ExtractReport", "LayerEnergy", "FullChange"]
