@@ -1,7 +1,73 @@
-"""Shared, generic test fixtures."""
+"""Shared, generic test fixtures, and memory hygiene for the whole suite.
+
+The suite builds many full-size RVC models (and their PyTorch references) and compiles
+many jitted functions whose executables hold the model weights as constants. Without
+care the test process grows past 11 GB; the module-scoped fixture below drops every
+compiled executable and returns freed heap pages to the OS after each test module, so
+the peak is set by the largest single module, not by the sum of all of them. The peak
+RSS is printed at the end of the run (``peak RSS`` line)."""
+
+import ctypes
+import ctypes.util
+import gc
+import os
+import resource
+import sys
 
 import numpy as np
 import pytest
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+    # glibc gives each thread (XLA's thread pool, torch's) its own malloc arena; freed
+    # memory in idle arenas is never returned. Few arenas keep the heap compact.
+    _LIBC.mallopt(-8, 2)  # M_ARENA_MAX
+
+
+def release_memory() -> None:
+    """Drop jit caches (executables + their baked-in constants) and trim the heap."""
+    gc.collect()
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_module(request):
+    yield
+    before = _rss_gb()
+    release_memory()
+    if request.config.getoption("verbose") > 0 or "RVCLORA_MEMLOG" in os.environ:
+        print(f"\n[memory] {request.module.__name__}: RSS {before:.2f} GB -> {_rss_gb():.2f} GB after release, "
+              f"peak so far {_peak_gb(resource.RUSAGE_SELF):.2f} GB", file=sys.stderr)
+
+
+def _peak_gb(who) -> float:
+    return resource.getrusage(who).ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        f"peak RSS: test process {_peak_gb(resource.RUSAGE_SELF):.2f} GB, "
+        f"largest child process {_peak_gb(resource.RUSAGE_CHILDREN):.2f} GB")
 
 
 @pytest.fixture
