@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..tree import check_fits, flatten, path_str, unflatten
+from ..tree import check_fits, flatten, unflatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,11 +130,6 @@ class Family:
             model = self.build(spec, rngs=nnx.Rngs(seed), **dtype_kwargs(dtype, param_dtype))
             return nnx.state(model, nnx.Not(nnx.Param))
         return jax.jit(make)()
-
-    def param_paths(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-        """``{path: shape}`` of every parameter of ``spec`` (from :meth:`abstract`)."""
-        state = nnx.state(self.abstract(spec), nnx.Param)
-        return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(state)}
 
 
 # --------------------------------------------------------------------------- registry
