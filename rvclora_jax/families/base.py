@@ -44,6 +44,9 @@ def dtype_kwargs(dtype, param_dtype) -> dict:
     return {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
 
 
+_ABSTRACT_CACHE_SIZE = 16
+
+
 def _dtype_key(d) -> str | None:
     return None if d is None else jnp.dtype(d).name
 
@@ -90,6 +93,8 @@ class Family:
         cache = self.__dict__.setdefault("_abstract_cache", {})
         key = (spec, _dtype_key(dtype), _dtype_key(param_dtype))
         if key not in cache:
+            if len(cache) >= _ABSTRACT_CACHE_SIZE:
+                del cache[next(iter(cache))]  # oldest first; structures hold no arrays, only shapes
             cache[key] = nnx.split(self._trace(spec, dtype, param_dtype))
         graphdef, state = cache[key]
         return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # fresh Variables
