@@ -7,12 +7,17 @@
     OUT_DIR/params/                         Flax params (Orbax, fp32, weight norm folded)
     OUT_DIR/weight_norm_source.safetensors  the source's original (g, v) pairs
 
-``export(source, OUT.pth, adapter=...)`` merges an adapter with the pure
-:func:`rvclora_jax.lora.merge` (in fp32) and writes an RVC file. Weight norm is
+``export(source, OUT.pth, adapter=...)`` merges an adapter (a directory, or an adapter
+object already in memory) with the pure :func:`rvclora_jax.lora.merge` (in fp32) and
+writes an RVC file. Weight norm is
 re-factored the way RVC stores it (``weight_g``/``weight_v``, norm over every axis but 0
 — per *input* channel for the ``ups`` ConvTranspose1d): ``v = W + ΔW``, ``g = ‖v‖``.
 Layers the adapter did not change get their original ``(g, v)`` back bit for bit, so a
 round trip without an adapter reproduces the input file's tensors exactly.
+
+Loading a source never initialises a model at random: the structure comes from the
+model family's :meth:`~rvclora_jax.families.Family.abstract` and is materialised with
+the file's (or the directory's) weights.
 
 Every write goes to a temporary name in the target directory and is renamed into place.
 """
@@ -30,12 +35,14 @@ import numpy as np
 import torch
 from flax import nnx
 
-from .pth import RVCFile, RVCFileError, build_model, load_rvc_file, to_flax
+from .pth import RVCFile, RVCFileError, load_rvc_file, to_flax
 from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
-from rvclora_jax import lora
+from rvclora_jax import families, lora
+from rvclora_jax.families import ModelSpec
 from rvclora_jax.fileio import atomic_write
 from rvclora_jax.models.synthesizer import SynthConfig
-from rvclora_jax.params import load_params
+from rvclora_jax.train import TrainConfig
+from rvclora_jax.tree import flatten, unflatten
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -59,6 +66,13 @@ class Source:
     key_order: list[str]              # legacy-style torch keys, in the source's order
     wn_source: dict[str, tuple[np.ndarray, np.ndarray]]  # prefix -> original (g, v)
     metadata: dict[str, Any]
+    family: str = "rvc"               # the model family (rvclora_jax.families)
+
+    @property
+    def has_training_only(self) -> bool:
+        """Whether the source holds the family's training-only subtree (RVC: enc_q)."""
+        fam = families.get(self.family)
+        return any(fam.is_training_only(k) for k in self.key_order)
 
 
 def _legacy(key: str) -> str:
@@ -76,12 +90,21 @@ def _wn_pairs(sd: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarr
     return out
 
 
-def source_from_file(path: str) -> Source:
-    f = load_rvc_file(path)
-    model, params = to_flax(f)
+def source_from_rvc_file(f: RVCFile, model: nnx.Module | None = None, params: dict | None = None) -> Source:
+    """A :class:`Source` from a file already read; pass ``model, params`` if it was already
+    converted with :func:`~rvclora_convert.pth.to_flax` (e.g. by ``rvclora train``), so the
+    weights are not converted twice."""
+    if (model is None) != (params is None):
+        raise ValueError("give both model and params (from to_flax) or neither")
+    if model is None:
+        model, params = to_flax(f)
     return Source(path=f.path, kind=f.kind, version=f.version, f0=f.f0, config=f.config, layout=f.layout,
                   model=model, params=params, key_order=[_legacy(k) for k in f.state_dict],
-                  wn_source=_wn_pairs(f.state_dict), metadata=dict(f.metadata))
+                  wn_source=_wn_pairs(f.state_dict), metadata=dict(f.metadata), family=f.spec.family)
+
+
+def source_from_file(path: str) -> Source:
+    return source_from_rvc_file(load_rvc_file(path))
 
 
 def _atomic_dir(out_dir: str):
@@ -113,7 +136,7 @@ def convert_file(path: str, out_dir: str) -> Source:
             "f0": src.f0, "sr": src.config.sr if src.config else None,
             "config": src.config.to_list() if src.config else None,
             "layout": src.layout, "source": os.path.abspath(path), "key_order": src.key_order,
-            "metadata": src.metadata, "has_enc_q": any(k.startswith("enc_q.") for k in src.key_order),
+            "metadata": src.metadata, "has_enc_q": src.has_training_only, "family": src.family,
         }
         with open(os.path.join(tmp, MODEL_JSON), "w") as fh:
             json.dump(meta, fh, indent=1)
@@ -139,23 +162,20 @@ def source_from_dir(path: str) -> Source:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{mpath}: not an rvclora model description (format={meta.get('format')!r})")
     cfg = SynthConfig.from_list(meta["config"]) if meta.get("config") else None
-    fake = RVCFile(path=path, layout=meta["layout"], kind=meta["kind"], version=meta["version"], f0=meta["f0"],
-                   sr=meta["sr"], config=cfg, state_dict={}, dtype="float32", weight_norm_style="legacy",
-                   has_enc_q=meta["has_enc_q"], metadata=meta["metadata"], has_optimizer=False, num_params=0,
-                   n_speakers=cfg.spk_embed_dim if cfg else None)
-    model = build_model(fake)
-    target = lora.unflatten({k: np.asarray(v) for k, v in
-                             lora.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()})
+    fam = families.get(meta.get("family", "rvc"))  # directories written before families: RVC
+    spec = ModelSpec(fam.name, meta["kind"], meta["version"], meta["f0"], cfg, meta["sr"], bool(meta["has_enc_q"]))
+    # The structure (ShapeDtypeStructs) is Orbax's restore target; nothing is initialised.
+    target = nnx.to_pure_dict(nnx.state(fam.abstract(spec), nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
-    params = lora.unflatten({k: np.asarray(v) for k, v in lora.flatten(params).items()})
-    load_params(model, params)
+    params = unflatten({k: np.asarray(v) for k, v in flatten(params).items()})
+    model = fam.materialize(spec, params, source=path)
     wn = load_file(os.path.join(path, WN_SOURCE)) if os.path.exists(os.path.join(path, WN_SOURCE)) else {}
     pairs = {k[: -len(LEGACY_G) - 1]: (wn[k], wn[k[: -len(LEGACY_G)] + LEGACY_V]) for k in wn
              if k.endswith("." + LEGACY_G)}
     return Source(path=path, kind=meta["kind"], version=meta["version"], f0=meta["f0"], config=cfg,
                   layout=meta["layout"], model=model, params=params, key_order=list(meta["key_order"]),
-                  wn_source=pairs, metadata=dict(meta["metadata"]))
+                  wn_source=pairs, metadata=dict(meta["metadata"]), family=fam.name)
 
 
 def load_source(path: str) -> Source:
@@ -165,21 +185,25 @@ def load_source(path: str) -> Source:
     return source_from_file(path)
 
 
-def merge_adapter(src: Source, adapter_path: str, scale: float = 1.0) -> tuple[dict, lora.Adapter]:
-    """Base params + adapter → merged params (pure), after checking the adapter fits."""
+def merge_adapter(src: Source, adapter: Any, scale: float = 1.0) -> tuple[dict, lora.Adapter]:
+    """Base params + adapter → merged params (pure), after checking the adapter fits.
+
+    ``adapter`` is an adapter directory (or its ``adapter.safetensors``), or an adapter
+    already in memory: any object with ``.params``, ``.config``, ``.base_fingerprint``
+    and ``.directory`` (:class:`rvclora_jax.lora.Adapter`)."""
     if src.kind != "generator":
         raise ValueError(f"{src.path}: adapters apply to generators, this is a {src.kind}")
-    ad = lora.load_adapter(adapter_path)
+    ad = lora.load_adapter(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else adapter
     lora.check_adapter_fits(src.model, ad, source=src.path)
     lora.check_fingerprint(ad, src.params, source=src.path)
     merged = lora.merge(src.params, ad.params, ad.config, scale=scale)
-    for k, v in lora.flatten(merged).items():
+    for k, v in flatten(merged).items():
         if not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{ad.directory}: merging gives non-finite values in {k.replace('/', '.')}")
     return merged, ad
 
 
-def state_dict_for(src: Source, params: dict, *, keep_enc_q: bool) -> dict[str, np.ndarray]:
+def state_dict_for(src: Source, params: dict, *, keep_training_only: bool) -> dict[str, np.ndarray]:
     """RVC state dict (legacy weight-norm keys, source key order) for ``params`` in fp32."""
     sd = flax_to_torch(src.model, params, style="legacy")
     # Unchanged weight-normed layers: give back the source's own (g, v) pair.
@@ -187,29 +211,29 @@ def state_dict_for(src: Source, params: dict, *, keep_enc_q: bool) -> dict[str, 
         gk, vk = prefix + "." + LEGACY_G, prefix + "." + LEGACY_V
         if vk in sd and np.array_equal(sd[vk], fold_weight_norm(g.astype(np.float32), v.astype(np.float32))):
             sd[gk], sd[vk] = g.astype(np.float32), v.astype(np.float32)
-    if not keep_enc_q:
-        sd = {k: v for k, v in sd.items() if not k.startswith("enc_q.")}
+    if not keep_training_only:
+        fam = families.get(src.family)
+        sd = {k: v for k, v in sd.items() if not fam.is_training_only(k)}
     order = [k for k in src.key_order if k in sd]
     order += [k for k in sd if k not in set(order)]
     return {k: sd[k] for k in order}
 
 
-def _empty_adamw_state(n_params: int, lr: float) -> dict:
-    """A torch AdamW state dict with no moments yet (RVC's hyper-parameters), so RVC's
-    ``load_checkpoint`` accepts the file and continues with fresh moments."""
+def _empty_adamw_state(n_params: int, lr: float, cfg: TrainConfig | None = None) -> dict:
+    """A torch AdamW state dict with no moments yet (the trainer's hyper-parameters, which
+    are RVC's), so RVC's ``load_checkpoint`` accepts the file and continues with fresh
+    moments."""
+    cfg = cfg or TrainConfig()
     return {"state": {}, "param_groups": [{
-        "lr": lr, "betas": (0.8, 0.99), "eps": 1e-9, "weight_decay": 0.01, "amsgrad": False,
-        "foreach": None, "maximize": False, "capturable": False, "differentiable": False,
-        "fused": None, "initial_lr": lr, "params": list(range(n_params))}]}
+        "lr": lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+        "amsgrad": False, "foreach": None, "maximize": False, "capturable": False,
+        "differentiable": False, "fused": None, "initial_lr": lr, "params": list(range(n_params))}]}
 
 
-def _sr_string(sr: int) -> str:
-    return {32000: "32k", 40000: "40k", 48000: "48k"}.get(sr, str(sr))
-
-
-def export(src: Source, out_path: str, *, adapter: str | None = None, scale: float = 1.0,
+def export(src: Source, out_path: str, *, adapter: Any = None, scale: float = 1.0,
            layout: str = "inference", fp32: bool = False, info: str | None = None) -> dict:
-    """Write ``src`` (merged with ``adapter`` if given) as an RVC ``.pth``; returns a report."""
+    """Write ``src`` (merged with ``adapter`` if given: a path or an adapter object, see
+    :func:`merge_adapter`) as an RVC ``.pth``; returns a report."""
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(EXPORT_LAYOUTS)}")
     if src.kind == "discriminator" and layout == "inference":
@@ -217,11 +241,11 @@ def export(src: Source, out_path: str, *, adapter: str | None = None, scale: flo
     params, ad = src.params, None
     if adapter is not None:
         params, ad = merge_adapter(src, adapter, scale)
-    has_enc_q = any(k.startswith("enc_q.") for k in src.key_order)
-    if layout != "inference" and src.kind == "generator" and not has_enc_q:
-        raise ValueError(f"{src.path}: has no enc_q (an inference model), so it cannot be written as a "
-                         f"{layout} file, which RVC loads strictly with enc_q")
-    sd = state_dict_for(src, params, keep_enc_q=layout != "inference")
+    if layout != "inference" and src.kind == "generator" and not src.has_training_only:
+        subtree = "/".join(families.get(src.family).training_only)
+        raise ValueError(f"{src.path}: has no {subtree} (an inference model), so it cannot be written as a "
+                         f"{layout} file, which RVC loads strictly with {subtree}")
+    sd = state_dict_for(src, params, keep_training_only=layout != "inference")
     dtype = torch.float16 if (layout == "inference" and not fp32) else torch.float32
     tensors = {k: torch.from_numpy(np.array(v, copy=True)).to(dtype) for k, v in sd.items()}
     md = src.metadata
@@ -232,12 +256,12 @@ def export(src: Source, out_path: str, *, adapter: str | None = None, scale: flo
             "weight": tensors,
             "config": cfg.to_list(),
             "info": info or (f"rvclora-jax: {base_name}" + (f" + adapter {ad.directory} x{scale:g}" if ad else "")),
-            "sr": _sr_string(cfg.sr),
+            "sr": families.get(src.family).sample_rate_name(cfg.sr),
             "f0": int(bool(src.f0)),
             "version": src.version,
         }
     elif layout == "train-checkpoint":
-        lr = float(md.get("learning_rate", 1e-4))
+        lr = float(md.get("learning_rate", TrainConfig.lr))
         ckpt = {"model": tensors, "iteration": int(md.get("iteration", 1)),
                 "optimizer": _empty_adamw_state(len(tensors), lr), "learning_rate": lr}
     else:
@@ -254,5 +278,5 @@ def write_base_file(model: nnx.Module, path: str) -> str:
     return atomic_write(path, lambda tmp: torch.save({"model": sd}, tmp), suffix=".pth")
 
 
-__all__ = ["Source", "load_source", "convert_file", "export", "merge_adapter", "state_dict_for",
-           "RVCFileError"]
+__all__ = ["Source", "load_source", "source_from_rvc_file", "convert_file", "export", "merge_adapter",
+           "state_dict_for", "write_base_file", "RVCFileError"]

@@ -1,6 +1,7 @@
 """Reading RVC ``.pth`` files (pretrained, training checkpoints, inference models).
 
-Layouts (``../shared/rvc-facts.md`` §6):
+Layouts (what RVC writes: ``rvc/lib/train/utils.py`` ``save_checkpoint``, and
+``rvc/lib/train/process_ckpt.py`` ``savee`` for small models; Applio's variants too):
 
 * ``"base"``: pretrained ``{"model": state_dict}`` (extra scalar keys tolerated);
 * ``"train-checkpoint"``: ``G_*.pth`` / ``D_*.pth``
@@ -9,11 +10,14 @@ Layouts (``../shared/rvc-facts.md`` §6):
   (fp16, no ``enc_q``), plus Applio's extra keys and spellings.
 
 :func:`load_rvc_file` reads a file with ``torch.load(weights_only=True)`` (no code in the
-file is ever run), detects layout, kind (generator / discriminator), version, f0, sample
-rate and synthesizer config from the tensor shapes, and cross-checks them against what
-the file claims. Every problem is an :class:`RVCFileError` whose one-line message starts
-with the file path and names the offending key. :func:`to_flax` builds the matching
-Flax model and maps the weights with :func:`rvclora_convert.state_dict.torch_to_flax`.
+file is ever run) and detects its layout here; which model the state dict holds (kind,
+version, f0, sample rate, config: a :class:`rvclora_jax.families.ModelSpec`) is
+recognised from the tensor shapes by the model family (:func:`rvclora_jax.families.detect`),
+which also cross-checks what the file claims. Every problem is an :class:`RVCFileError`
+whose one-line message starts with the file path and names the offending key.
+:func:`to_flax` traces the model's structure (no random initialisation), maps the
+weights onto it with :func:`rvclora_convert.state_dict.torch_to_flax` and materialises
+the model with them.
 
 This module imports torch; ``rvclora_jax`` itself does not.
 """
@@ -31,16 +35,14 @@ import numpy as np
 import torch
 from flax import nnx
 
-from .state_dict import StateDictError, load_params, torch_to_flax, weight_norm_style
-from rvclora_jax.models.discriminators import multi_period_discriminator
-from rvclora_jax.models.generator import noise_conv_geometry
-from rvclora_jax.models.synthesizer import SynthConfig, Synthesizer, parse_sr, preset
+from .state_dict import StateDictError, torch_to_flax, weight_norm_style
+from rvclora_jax import families
+from rvclora_jax.families import DetectionError, ModelSpec
+from rvclora_jax.models.synthesizer import SynthConfig
+from rvclora_jax.tree import TreeMismatch
 
 LAYOUTS = ("base", "train-checkpoint", "inference")
 _NOT_METADATA = ("model", "weight", "optimizer", "config")
-_D_VERSIONS = {7: "v1", 9: "v2"}           # number of sub-discriminators -> version
-_FEATURE_VERSIONS = {256: "v1", 768: "v2"}  # enc_p.emb_phone.weight dim 1 -> version
-_UPS_WEIGHT_SUFFIXES = ("weight_v", "parametrizations.weight.original1", "weight")
 
 
 class RVCFileError(ValueError):
@@ -51,19 +53,38 @@ class RVCFileError(ValueError):
 class RVCFile:
     path: str
     layout: str                      # "base" | "train-checkpoint" | "inference"
-    kind: str                        # "generator" | "discriminator"
-    version: str                     # "v1" | "v2"
-    f0: bool | None                  # generators only
-    sr: int | None                   # generators; None if unknown (discriminators)
-    config: SynthConfig | None       # generators only
+    spec: ModelSpec                  # which model the weights belong to (the family decides)
     state_dict: dict[str, np.ndarray]  # as stored (original dtype)
     dtype: str                       # "float16", "float32", or "mixed(float16,float32)"
     weight_norm_style: str           # rvclora_convert.state_dict.weight_norm_style
-    has_enc_q: bool
+    has_enc_q: bool                  # the family's training-only subtree is present
     metadata: dict[str, Any]         # other top-level JSON-able values (info, epoch, sr, ...)
     has_optimizer: bool
     num_params: int
-    n_speakers: int | None           # emb_g rows (generators)
+
+    @property
+    def kind(self) -> str:           # "generator" | "discriminator"
+        return self.spec.kind
+
+    @property
+    def version(self) -> str:        # "v1" | "v2"
+        return self.spec.version
+
+    @property
+    def f0(self) -> bool | None:     # generators only
+        return self.spec.f0
+
+    @property
+    def sr(self) -> int | None:      # generators; discriminators only if the file says
+        return self.spec.sr
+
+    @property
+    def config(self) -> SynthConfig | None:  # generators only
+        return self.spec.config
+
+    @property
+    def n_speakers(self) -> int | None:  # emb_g rows (generators)
+        return getattr(self.spec.config, "spk_embed_dim", None)
 
     def summary(self) -> str:
         what = (f"{self.kind} {self.version}" + (f" {self.sr // 1000}k" if self.sr else "")
@@ -165,113 +186,6 @@ def _layout(path: str, ckpt: dict) -> tuple[str, str]:
     raise _fail(path, f"unrecognised layout: top-level keys found: {keys}; {expected}")
 
 
-def _claimed_f0(path: str, v: Any) -> bool:
-    if isinstance(v, (bool, np.bool_)) or (isinstance(v, int) and v in (0, 1)):
-        return bool(v)
-    if isinstance(v, str) and v.strip() in ("0", "1", "True", "False", "true", "false"):
-        return v.strip() in ("1", "True", "true")
-    raise _fail(path, f"key 'f0' has value {v!r}; expected 0/1 or True/False")
-
-
-def _claimed_sr(path: str, v: Any, key: str = "sr") -> int:
-    try:
-        return parse_sr(v)
-    except (TypeError, ValueError):
-        raise _fail(path, f"key '{key}' has value {v!r}; expected e.g. '40k', 40000 or '40000'") from None
-
-
-def _ups_kernels(sd: Mapping[str, np.ndarray]) -> tuple[int, ...]:
-    ks = []
-    i = 0
-    while True:
-        for suf in _UPS_WEIGHT_SUFFIXES:
-            k = f"dec.ups.{i}.{suf}"
-            if k in sd:
-                ks.append(int(sd[k].shape[-1]))
-                break
-        else:
-            return tuple(ks)
-        i += 1
-
-
-def _noise_kernels(sd: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
-    ks, i = [], 0
-    while f"dec.noise_convs.{i}.weight" in sd:
-        ks.append(int(sd[f"dec.noise_convs.{i}.weight"].shape[-1]))
-        i += 1
-    return tuple(ks) if ks else None
-
-
-def _expected_noise_kernels(cfg: SynthConfig) -> tuple[int, ...]:
-    return tuple(k for k, _, _ in noise_conv_geometry(cfg.upsample_rates))
-
-
-def _shape(sd, key) -> list[int] | None:
-    return list(sd[key].shape) if key in sd else None
-
-
-def _check_config_vs_shapes(path: str, cfg: SynthConfig, sd: Mapping[str, np.ndarray], where: str) -> None:
-    """Fields of an explicit config list against the tensor shapes (names the config entry)."""
-    idx = {f: i for i, f in enumerate(SynthConfig.FIELDS)}
-    checks = [
-        ("hidden_channels", cfg.hidden_channels, "enc_p.emb_phone.weight", 0),
-        ("inter_channels", 2 * cfg.inter_channels, "enc_p.proj.weight", 0),
-        ("filter_channels", cfg.filter_channels, "enc_p.encoder.ffn_layers.0.conv_1.weight", 0),
-        ("upsample_initial_channel", cfg.upsample_initial_channel, "dec.conv_pre.weight", 0),
-        ("gin_channels", cfg.gin_channels, "emb_g.weight", 1),
-        ("spec_channels", cfg.spec_channels, "enc_q.pre.weight", 1),
-    ]
-    for field, want, key, dim in checks:
-        shp = _shape(sd, key)
-        if shp is not None and len(shp) > dim and shp[dim] != want:
-            shown = want // 2 if field == "inter_channels" else want
-            raise _fail(path, f"{where}[{idx[field]}] {field} = {shown} does not match {key} {shp}")
-    ups = _ups_kernels(sd)
-    if ups != tuple(cfg.upsample_kernel_sizes):
-        raise _fail(path, f"{where}[{idx['upsample_kernel_sizes']}] upsample_kernel_sizes = "
-                          f"{list(cfg.upsample_kernel_sizes)} does not match the dec.ups.* weights "
-                          f"(kernel sizes {list(ups)})")
-    if len(cfg.upsample_rates) != len(ups):
-        raise _fail(path, f"{where}[{idx['upsample_rates']}] upsample_rates = {list(cfg.upsample_rates)} "
-                          f"has {len(cfg.upsample_rates)} stages but the file has {len(ups)} dec.ups.* layers")
-    nk = _noise_kernels(sd)
-    if nk is not None and nk != _expected_noise_kernels(cfg):
-        raise _fail(path, f"{where}[{idx['upsample_rates']}] upsample_rates = {list(cfg.upsample_rates)} "
-                          f"does not match the dec.noise_convs.* kernel sizes {list(nk)}")
-
-
-def _infer_preset(path: str, version: str, sd: Mapping[str, np.ndarray], claimed_sr: int | None) -> SynthConfig:
-    ups = _ups_kernels(sd)
-    spec = _shape(sd, "enc_q.pre.weight")
-    nk = _noise_kernels(sd)
-    matches = []
-    for sr in (32000, 40000, 48000):
-        cfg = preset(version, sr)
-        if tuple(cfg.upsample_kernel_sizes) != ups:
-            continue
-        if spec is not None and len(spec) > 1 and spec[1] != cfg.spec_channels:
-            continue
-        if nk is not None and nk != _expected_noise_kernels(cfg):
-            continue
-        matches.append(cfg)
-    what = (f"dec.ups.* kernel sizes {list(ups)}"
-            + (f", enc_q.pre.weight {spec}" if spec is not None else "")
-            + (f", dec.noise_convs.* kernel sizes {list(nk)}" if nk is not None else ""))
-    if not matches:
-        raise _fail(path, f"no RVC {version} preset (32k/40k/48k) matches the weights ({what})")
-    if claimed_sr is not None:
-        chosen = [c for c in matches if c.sr == claimed_sr]
-        if not chosen:
-            raise _fail(path, f"key 'sr' says {claimed_sr} but the weights ({what}) fit only "
-                              f"{', '.join(f'{version} {c.sr}' for c in matches)}")
-        matches = chosen
-    if len(matches) > 1:
-        raise _fail(path, f"the weights ({what}) fit several RVC presets "
-                          f"({', '.join(f'{version} {c.sr}' for c in matches)}); the sample rate is "
-                          f"ambiguous without enc_q or an 'sr' key")
-    return matches[0]
-
-
 def load_rvc_file(path: str | os.PathLike) -> RVCFile:
     """Read and identify an RVC ``.pth`` file (see module docstring). Raises :class:`RVCFileError`."""
     path = os.fspath(path)
@@ -285,97 +199,37 @@ def load_rvc_file(path: str | os.PathLike) -> RVCFile:
     has_optimizer = "optimizer" in ckpt and ckpt["optimizer"] is not None
     if has_optimizer and not isinstance(ckpt["optimizer"], Mapping):
         raise _fail(path, f"key 'optimizer' should be an optimizer state dict, got {type(ckpt['optimizer']).__name__}")
-    common = dict(path=path, layout=layout, state_dict=sd, dtype=_dtype_name(sd),
-                  weight_norm_style=weight_norm_style(sd), has_enc_q=any(k.startswith("enc_q.") for k in sd),
-                  metadata=metadata, has_optimizer=has_optimizer,
-                  num_params=int(sum(int(a.size) for a in sd.values())))
-    claimed_version = ckpt.get("version")
-    if claimed_version is not None and claimed_version not in ("v1", "v2"):
-        raise _fail(path, f"key 'version' has value {claimed_version!r}; expected 'v1' or 'v2'")
-
-    # ---- discriminator
-    if any(k.startswith("discriminators.") for k in sd):
-        if layout == "inference":
-            raise _fail(path, "key 'weight' holds discriminator weights; inference models hold a generator")
-        idx = {k.split(".")[1] for k in sd if k.startswith("discriminators.")}
-        n = len(idx)
-        if n not in _D_VERSIONS:
-            raise _fail(path, f"discriminators.*: found {n} sub-discriminators, expected 7 (v1) or 9 (v2)")
-        version = _D_VERSIONS[n]
-        if claimed_version is not None and claimed_version != version:
-            raise _fail(path, f"key 'version' says {claimed_version!r} but the file has {n} "
-                              f"sub-discriminators (discriminators.*), which is {version}")
-        sr = _claimed_sr(path, ckpt["sr"]) if "sr" in ckpt else None
-        return RVCFile(kind="discriminator", version=version, f0=None, sr=sr, config=None,
-                       n_speakers=None, **common)
-
-    # ---- generator
-    for need in ("enc_p.emb_phone.weight", "emb_g.weight"):
-        if need not in sd:
-            raise _fail(path, f"key {need} missing from '{sd_key}': not an RVC synthesizer "
-                              f"(and no discriminators.* keys either)")
-    emb_phone = list(sd["enc_p.emb_phone.weight"].shape)
-    if len(emb_phone) != 2 or emb_phone[1] not in _FEATURE_VERSIONS:
-        raise _fail(path, f"enc_p.emb_phone.weight has shape {emb_phone}; expected [hidden, 256] (v1) "
-                          f"or [hidden, 768] (v2)")
-    version = _FEATURE_VERSIONS[emb_phone[1]]
-    if claimed_version is not None and claimed_version != version:
-        raise _fail(path, f"key 'version' says {claimed_version!r} but enc_p.emb_phone.weight is "
-                          f"{emb_phone}, which is {version}")
-    f0 = "enc_p.emb_pitch.weight" in sd
-    if "f0" in ckpt:
-        claimed = _claimed_f0(path, ckpt["f0"])
-        if claimed != f0:
-            raise _fail(path, f"key 'f0' says {ckpt['f0']!r} but enc_p.emb_pitch.weight is "
-                              f"{'present' if f0 else 'absent'} (a {'pitch' if f0 else 'no-pitch'} model)")
-    emb_g = list(sd["emb_g.weight"].shape)
-    if len(emb_g) != 2:
-        raise _fail(path, f"emb_g.weight has shape {emb_g}; expected [n_speakers, gin_channels]")
-    n_speakers = emb_g[0]
-    claimed_sr = _claimed_sr(path, ckpt["sr"]) if "sr" in ckpt else None
-
-    if layout == "inference":
-        raw = ckpt["config"]
-        if not isinstance(raw, (list, tuple)):
-            raise _fail(path, f"key 'config' should be RVC's 18-element list, got {type(raw).__name__}")
-        try:
-            cfg = SynthConfig.from_list(list(raw))
-        except (TypeError, ValueError) as e:
-            raise _fail(path, f"key 'config' is not a valid RVC config list: {e}") from None
-        cfg = cfg.replace(spk_embed_dim=n_speakers)  # RVC: config[-3] = emb_g rows
-        _check_config_vs_shapes(path, cfg, sd, "config")
-        if claimed_sr is not None and claimed_sr != cfg.sr:
-            raise _fail(path, f"key 'sr' says {ckpt['sr']!r} but config[17] sr is {raw[17]!r}")
-    else:
-        cfg = _infer_preset(path, version, sd, claimed_sr).replace(spk_embed_dim=n_speakers)
-    return RVCFile(kind="generator", version=version, f0=f0, sr=cfg.sr, config=cfg,
-                   n_speakers=n_speakers, **common)
+    claims = {str(k): v for k, v in ckpt.items() if k != sd_key}
+    try:
+        spec = families.detect(sd, claims, layout=layout, where=sd_key)
+    except DetectionError as e:
+        raise _fail(path, str(e)) from None
+    family = families.get(spec.family)
+    return RVCFile(path=path, layout=layout, spec=spec, state_dict=sd, dtype=_dtype_name(sd),
+                   weight_norm_style=weight_norm_style(sd),
+                   has_enc_q=any(family.is_training_only(k) for k in sd), metadata=metadata,
+                   has_optimizer=has_optimizer, num_params=int(sum(int(a.size) for a in sd.values())))
 
 
 # --------------------------------------------------------------------------- to Flax
 
 
-def build_model(rvc_file: RVCFile, *, seed: int = 0) -> nnx.Module:
-    """The (randomly initialised) Flax model that ``rvc_file``'s weights belong to."""
-    rngs = nnx.Rngs(seed)
-    if rvc_file.kind == "discriminator":
-        return multi_period_discriminator(rvc_file.version, rngs)
-    return Synthesizer(rvc_file.config, rvc_file.version, bool(rvc_file.f0), rngs=rngs,
-                       with_enc_q=rvc_file.has_enc_q)
-
-
 def to_flax(rvc_file: RVCFile, *, seed: int = 0) -> tuple[nnx.Module, dict]:
-    """Build the matching model, map the weights (strict) and load them.
+    """The model the file's weights belong to, holding them (strict), and its params.
 
-    Returns ``(model, params)``: the model with the file's weights loaded (fp32) and the
-    nested parameter dict. Weight norm is folded; fp16 is upcast."""
-    model = build_model(rvc_file, seed=seed)
+    The model's structure comes from the family's :meth:`~rvclora_jax.families.Family.abstract`
+    (traced, nothing initialised), the weights are mapped onto it and the model is
+    materialised with them, so no random parameter is ever drawn; ``seed`` only seeds
+    state that is not a parameter (RNG streams), if the model has any. Returns
+    ``(model, params)``: params is the nested fp32 dict. Weight norm is folded; fp16 is
+    upcast."""
+    family = families.get(rvc_file.spec.family)
     try:
-        params = torch_to_flax(model, rvc_file.state_dict, source=rvc_file.path)
-    except StateDictError as e:
+        params = torch_to_flax(family.abstract(rvc_file.spec), rvc_file.state_dict, source=rvc_file.path)
+        model = family.materialize(rvc_file.spec, params, seed=seed, source=rvc_file.path)
+    except (StateDictError, TreeMismatch) as e:
         raise RVCFileError(" ".join(str(e).split())) from None
-    load_params(model, params)
     return model, params
 
 
-__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "to_flax", "build_model"]
+__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "to_flax"]

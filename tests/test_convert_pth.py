@@ -1,19 +1,23 @@
 """convert/pth.py: reading real RVC .pth layouts, detecting what they hold, and refusing bad files.
 
 Reference files are written with torch.save from RVC's own classes (rvc==0.3.5) in each
-layout RVC / Applio produce (rvc-facts.md §6)."""
+layout RVC / Applio produce (RVC: ``rvc/lib/train/utils.py`` save_checkpoint and
+``process_ckpt.py`` savee; Applio: parametrizations weight-norm keys and extra metadata)."""
 
 import os
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_convert.pth import RVCFile, RVCFileError, load_rvc_file, to_flax
 from rvclora_jax.models import synthesizer as S
+from tests.no_init import requires_traceable_layers, spy_rvc_builds
 from tests.torch_ref import assert_close, randomize_, t2j
 
 
@@ -124,7 +128,7 @@ def files(tmp_path_factory):
     out["D_v2"] = save(tmp, "D_100.pth", {"model": dv2, "iteration": 3, "optimizer": None,
                                           "learning_rate": 1e-4})
     dv1 = {k: v for k, v in dv2.items() if not k.startswith(("discriminators.7.", "discriminators.8."))}
-    assert len(dv1) == 129  # MultiPeriodDiscriminator's key count (rvc-facts §1.3)
+    assert len(dv1) == 129  # MultiPeriodDiscriminator's key count
     out["D_v1"] = save(tmp, "f0D32k.pth", {"model": dv1})
     return out
 
@@ -156,7 +160,7 @@ def test_detect_pretrained_base_generators(files, name, version, sr, f0, n_keys)
     assert f.metadata == {}
     assert f.num_params == sum(a.size for a in f.state_dict.values())
     if name == "base_v2_40k_f0":
-        assert f.num_params == 36_458_818  # rvc-facts §1.3
+        assert f.num_params == 36_458_818  # RVC's f0G40k.pth
     if name == "base_v1_32k_f0":
         assert f.num_params == 36_294_338
 
@@ -269,6 +273,32 @@ def test_training_checkpoint_to_flax_equals_base(files, base_flax):
         for k in path:
             a, b = a[k], b[k]
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- no random init
+
+
+@requires_traceable_layers
+def test_conversion_never_initialises_at_random(narrow, monkeypatch):
+    # A spec no other test converts: structures are cached per spec.
+    cfg = NARROW.replace(gin_channels=12)
+    p = save(narrow["tmp"], "spy.pth", rvc_inference(torch_g(cfg, "v2", True, 9), cfg))
+    traced = spy_rvc_builds(monkeypatch)
+    f = load_rvc_file(p)
+    model, params = to_flax(f)
+    assert traced and all(traced), traced
+    w = f.state_dict["enc_p.proj.weight"].astype(np.float32)  # a plain Conv1d (no weight norm)
+    np.testing.assert_array_equal(np.asarray(model.enc_p.proj.kernel[...]), w.transpose(2, 1, 0))
+
+
+def test_converted_model_holds_no_abstract_leaves(files, base_flax):
+    model, params = base_flax
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert len(leaves) == 423 and all(isinstance(x, jax.Array) for x in leaves)
+    # the model's arrays are the returned params, which are exactly the file's (fp32, folded)
+    np.testing.assert_array_equal(np.asarray(model.emb_g.embedding[...]), params["emb_g"]["embedding"])
+    np.testing.assert_array_equal(params["dec"]["conv_pre"]["bias"],
+                                  load_rvc_file(files["base_v2_40k_f0"]).state_dict["dec.conv_pre.bias"])
 
 
 # ----------------------------------------------------------------------------- bad inputs

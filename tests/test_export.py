@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ from rvclora_convert import export as E
 from rvclora_jax import lora
 from rvclora_jax.cli import main
 from rvclora_jax.models import synthesizer as S
+from rvclora_jax.train import TrainConfig
+from tests.no_init import requires_traceable_layers, spy_rvc_builds
 from tests.torch_ref import assert_close, randomize_
 
 CLASSES = {
@@ -185,6 +188,42 @@ def test_train_checkpoint_export_loads_with_rvc_load_checkpoint(tmp_path):
         assert torch.equal(v, sd[k]), k
     changed = {k for k in sd if not torch.equal(sd[k], ref.state_dict()[k])}
     assert changed and all(k.startswith("dec.ups.") for k in changed)  # only the adapted layers
+    group = torch.load(out, weights_only=True)["optimizer"]["param_groups"][0]
+    tc = TrainConfig()
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == (tc.betas, tc.eps, tc.weight_decay)
+
+
+def test_export_merges_an_adapter_object_like_its_directory(tmp_path):
+    ref = _torch_g("v2", True, NARROW)
+    src_path = str(tmp_path / "voice.pth")
+    _write(src_path, "inference", ref, NARROW, "v2", True)
+    src = E.load_source(src_path)
+    _adapter_for(src, tmp_path / "adapter")
+    from_dir = E.export(src, str(tmp_path / "a.pth"), adapter=str(tmp_path / "adapter"), info="x")
+    ad = lora.load_adapter(str(tmp_path / "adapter"))
+    # duck-typed: what `rvclora train` holds after training, never written to disk
+    in_memory = types.SimpleNamespace(params=ad.params, config=ad.config, base_fingerprint=ad.base_fingerprint,
+                                      directory="(trained in memory)")
+    rep = E.export(src, str(tmp_path / "b.pth"), adapter=in_memory, info="x")
+    assert rep["adapter"] == "(trained in memory)" and from_dir["adapter"] == ad.directory
+    a, b = (torch.load(str(tmp_path / n), weights_only=True) for n in ("a.pth", "b.pth"))
+    assert list(a["weight"]) == list(b["weight"]) and all(torch.equal(a["weight"][k], b["weight"][k])
+                                                          for k in a["weight"])
+    changed = [k for k in a["weight"] if not torch.equal(a["weight"][k], torch.load(
+        src_path, weights_only=True)["weight"][k])]
+    assert changed  # the adapter did change the model
+
+
+@requires_traceable_layers
+def test_convert_and_load_directory_never_initialise_at_random(tmp_path, monkeypatch):
+    cfg = NARROW.replace(gin_channels=12, spk_embed_dim=3)  # a spec no other test uses (cached per spec)
+    src_path = str(tmp_path / "voice.pth")
+    _write(src_path, "inference", _torch_g("v1", True, cfg), cfg, "v1", True)
+    traced = spy_rvc_builds(monkeypatch)
+    E.convert_file(src_path, str(tmp_path / "conv"))
+    src = E.load_source(str(tmp_path / "conv"))
+    assert traced and all(traced), traced
+    assert src.model.emb_g.embedding[...].shape == (3, 12)
 
 
 def test_inspect_json(tmp_path, capsys):

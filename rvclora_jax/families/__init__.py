@@ -2,36 +2,33 @@
 
 A family (today: :data:`rvclora_jax.families.rvc.RVC`, RVC's synthesizers v1/v2 ×
 f0/nof0 × 32/40/48 kHz and their discriminators) owns everything that is specific to
-it: its configurations and presets, how to build a model of a spec, how to recognise
-its ``.pth`` state dicts from keys and shapes, its LoRA target presets, the subtree
-that only serves training, its training segment and its discriminator. Code outside a
-family asks the family instead of hard-coding names. A new family (Applio's
-MRF-HiFi-GAN or RefineGAN decoders, a HuBERT encoder) is one new module here plus one
-:func:`register` call.
+it: its configurations and presets, how to build a model of a :class:`ModelSpec`, how
+to recognise its ``.pth`` state dicts from keys and shapes, its LoRA target presets,
+the subtree that only serves training, its training segment and its discriminator.
+Code outside a family asks the family instead of hard-coding names.
+
+The life of a model in the converters::
+
+    spec  = detect(state_dict, claims, layout=...)    # first family that recognises the keys
+    fam   = get(spec.family)
+    shape = fam.abstract(spec)                         # nnx.eval_shape: structure, no init
+    model = fam.materialize(spec, params)              # the file's weights, nothing random
+
+Adding a family (Applio's MRF-HiFi-GAN or RefineGAN decoders, a HuBERT encoder) is one
+new module here — a :class:`Family` subclass implementing ``build``, ``recognises``,
+``detect`` and ``signature`` — plus one line importing it at the bottom of this file
+(its module calls :func:`register`). Nothing else changes: the converters, ``inspect``
+and ``export`` find it through :func:`detect` and :func:`get`. A family whose state
+dicts are another's plus some keys registers with ``register(family, before="rvc")``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from .base import (FAMILIES, DetectionError, Family, ModelSpec, detect, dtype_kwargs, get, register,
+                   unregister)
 
-FAMILIES: dict[str, Any] = {}
+# The registered families, in detection order.
+from . import rvc  # noqa: E402,F401
 
-
-def register(family: Any) -> Any:
-    """Add ``family`` (an object with a unique ``name``) to :data:`FAMILIES`."""
-    if family.name in FAMILIES and FAMILIES[family.name] is not family:
-        raise ValueError(f"a model family named {family.name!r} is already registered")
-    FAMILIES[family.name] = family
-    return family
-
-
-def get(name: str) -> Any:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
-
-
-from . import rvc  # noqa: E402,F401  (registers the RVC family)
-
-__all__ = ["FAMILIES", "register", "get", "rvc"]
+__all__ = ["FAMILIES", "DetectionError", "Family", "ModelSpec", "detect", "dtype_kwargs", "get",
+           "register", "unregister", "rvc"]

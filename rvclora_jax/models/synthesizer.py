@@ -25,7 +25,6 @@ from .generator import Generator
 from .modules import WN, Flip, ResidualCouplingLayer
 from .text_encoder import TextEncoder
 
-SAMPLE_RATES = {"32k": 32000, "40k": 40000, "48k": 48000}
 INFER_NOISE_SCALE = 0.66666  # RVC's literal, not 2/3
 
 
@@ -69,6 +68,8 @@ class SynthConfig:
         """From RVC's 18-element list (``sr`` may be an int or ``"40k"``)."""
         if len(config) != 18:
             raise ValueError(f"RVC config list must have 18 entries, got {len(config)}")
+        from ..families.rvc import parse_sr  # RVC's rate names ("40k") belong to the family
+
         vals = dict(zip(cls.FIELDS, config))
         vals["sr"] = parse_sr(vals["sr"])
         vals["resblock"] = str(vals["resblock"])
@@ -93,38 +94,18 @@ class SynthConfig:
         return dataclasses.replace(self, **kw)
 
 
-def parse_sr(sr: Any) -> int:
-    """``"40k"``, ``40000`` and ``"40000"`` all mean 40 kHz (RVC and Applio spellings)."""
-    if isinstance(sr, str):
-        if sr in SAMPLE_RATES:
-            return SAMPLE_RATES[sr]
-        if sr.isdigit():
-            return int(sr)
-        raise ValueError(f"unknown sample rate {sr!r}")
-    return int(sr)
+# compatibility: removed at merge. The RVC configs (sample-rate names, per-rate presets,
+# training segments) moved to the model family, rvclora_jax.families.rvc; models do not
+# import families at module level, so the old names resolve lazily.
+_MOVED_TO_FAMILY = ("SAMPLE_RATES", "parse_sr", "TRAIN_SEGMENT_SAMPLES", "preset")
 
 
-# Per-rate presets from RVC's configs/v{1,2}/*.json. There is no v2/40k.json: RVC uses
-# the v1 40k generator for v2 too. Training segment sizes are in samples.
-_PRESETS = {
-    ("v1", 32000): dict(spec_channels=513, upsample_rates=(10, 4, 2, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4, 4)),
-    ("v1", 40000): dict(spec_channels=1025, upsample_rates=(10, 10, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4)),
-    ("v1", 48000): dict(spec_channels=1025, upsample_rates=(10, 6, 2, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4, 4)),
-    ("v2", 32000): dict(spec_channels=513, upsample_rates=(10, 8, 2, 2), upsample_kernel_sizes=(20, 16, 4, 4)),
-    ("v2", 40000): dict(spec_channels=1025, upsample_rates=(10, 10, 2, 2), upsample_kernel_sizes=(16, 16, 4, 4)),
-    ("v2", 48000): dict(spec_channels=1025, upsample_rates=(12, 10, 2, 2), upsample_kernel_sizes=(24, 20, 4, 4)),
-}
-TRAIN_SEGMENT_SAMPLES = {("v1", 32000): 12800, ("v1", 40000): 12800, ("v1", 48000): 11520,
-                         ("v2", 32000): 12800, ("v2", 40000): 12800, ("v2", 48000): 17280}
+def __getattr__(name: str):
+    if name in _MOVED_TO_FAMILY:
+        from ..families import rvc
 
-
-def preset(version: str, sr: Any) -> SynthConfig:
-    """The synthesizer config RVC uses for ``version`` ("v1"/"v2") at rate ``sr``."""
-    key = (version, parse_sr(sr))
-    if key not in _PRESETS:
-        raise ValueError(f"no RVC preset for version={version!r} sr={sr!r}; "
-                         f"have {sorted({f'{v} {s}' for v, s in _PRESETS})}")
-    return SynthConfig(sr=key[1], **_PRESETS[key])
+        return getattr(rvc, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PosteriorEncoder(nnx.Module):
