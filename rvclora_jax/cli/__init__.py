@@ -1,0 +1,47 @@
+"""``rvclora`` command line: the composition root over the importable functions.
+
+Each command lives in its own module here and exposes ``register(subparsers)``, which adds
+its sub-parser(s) and sets ``func`` to its handler. A new command is one new module plus one
+entry in :data:`COMMANDS`. This package is the only place that imports ``rvclora_convert``
+(the torch side), and only inside handlers, so ``rvclora --help`` needs no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import adapters, convert, example, render, train
+
+# Registration order is the order of `rvclora --help`.
+COMMANDS = (adapters, render, example, convert, train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rvclora", description="Exact LoRA fine-tuning of RVC voice models in JAX.")
+    p.add_argument("--version", action="version", version=f"rvclora-jax {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, KeyError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__  # always one line
+        print(f"rvclora: error: {msg}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["main", "build_parser", "COMMANDS"]
