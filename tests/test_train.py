@@ -148,7 +148,7 @@ def test_step_losses_match_rvc_losses(trained):
 def test_short_run_lowers_mel_loss(trained):
     before, after = trained["before"], trained["after"]
     assert np.isfinite(list(after.values())).all()
-    # measured: mel ×45 121.0 -> 104.2 after 16 steps; the run is deterministic
+    # measured: mel ×45 119.8 -> 102.9 after 16 steps; the run is deterministic
     assert after["mel"] < 0.92 * before["mel"], (before, after)
     # the "generator" preset adapts only the decoder: the KL term (enc_p/enc_q/flow) cannot move
     assert after["kl"] == before["kl"]
