@@ -109,17 +109,17 @@ def run_jax(B, T, steps, rank):
     from flax import nnx
 
     from rvclora_jax import lora
-    from rvclora_jax.audio import spectrogram
+    from rvclora_jax.audio import MelConfig
+    from rvclora_jax.families.rvc import RVC
     from rvclora_jax.models import synthesizer as S
-    from rvclora_jax.models.discriminators import multi_period_discriminator
     from rvclora_jax.train import TrainConfig, Trainer
 
     g = S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0))
     lora.inject(g, lora.LoRAConfig.from_preset("generator", rank=rank), rngs=nnx.Rngs(1))
-    d = multi_period_discriminator("v2", nnx.Rngs(2))
+    d = RVC.discriminator("v2", nnx.Rngs(2))
     tr = Trainer(g, d, TrainConfig(batch_size=B, segment_frames=32), steps_per_epoch=100)
     b = _batch(B, T)
-    b["spec"] = np.asarray(spectrogram(b["wave"], 2048, 400, 2048))
+    b["spec"] = np.asarray(MelConfig.for_rate(40000).spectrogram(b["wave"]))
     b["spec_lengths"] = np.full((B,), b["spec"].shape[1], np.int32)
     b["phone_lengths"] = b["spec_lengths"]
     state = tr.init_state()

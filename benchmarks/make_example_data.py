@@ -84,17 +84,6 @@ def trim(x: np.ndarray, sr: int, thresh: float = 0.01, keep: float = 0.05) -> np
     return x[a:b]
 
 
-def coarse_f0(f0: np.ndarray) -> np.ndarray:
-    """RVC's coarse pitch quantisation (rvc-facts §7.2)."""
-    mel_min = 1127 * np.log(1 + 50 / 700)
-    mel_max = 1127 * np.log(1 + 1100 / 700)
-    mel = 1127 * np.log(1 + f0 / 700)
-    mel[mel > 0] = (mel[mel > 0] - mel_min) * 254 / (mel_max - mel_min) + 1
-    mel[mel <= 1] = 1
-    mel[mel > 255] = 255
-    return np.rint(mel).astype(np.int64)
-
-
 def standin_features(x16: np.ndarray, proj: np.ndarray, mel_fb: np.ndarray) -> np.ndarray:
     """STAND-IN for HuBERT: log-mel (n_fft 400, hop 320, no centring) @ fixed projection."""
     n = (len(x16) - 400) // 320 + 1
@@ -114,6 +103,7 @@ def main() -> None:
     out = os.path.abspath(args.out)
     pyworld = _import_pyworld()
     import librosa  # mel filterbank only
+    from rvclora_jax.render import coarse_pitch  # RVC's quantisation (pipeline.get_f0)
 
     dirs = {k: os.path.join(out, k) for k in ("0_gt_wavs", "2a_f0", "2b-f0nsf", "3_feature768")}
     for d in dirs.values():
@@ -142,7 +132,8 @@ def main() -> None:
         f0 = pyworld.stonemask(x16, f0, t, 16000)
         f0 = signal.medfilt(f0, 3)
         np.save(os.path.join(dirs["2b-f0nsf"], name + ".wav.npy"), f0, allow_pickle=False)
-        np.save(os.path.join(dirs["2a_f0"], name + ".wav.npy"), coarse_f0(f0.copy()), allow_pickle=False)
+        np.save(os.path.join(dirs["2a_f0"], name + ".wav.npy"), coarse_pitch(f0).astype(np.int64),
+                allow_pickle=False)
         feats = standin_features(x16, proj, mel_fb)
         np.save(os.path.join(dirs["3_feature768"], name + ".npy"), feats, allow_pickle=False)
         lines.append(f"0_gt_wavs/{name}.wav|3_feature768/{name}.npy|2a_f0/{name}.wav.npy|2b-f0nsf/{name}.wav.npy|0")

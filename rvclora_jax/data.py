@@ -1,7 +1,7 @@
 """RVC training data: experiment scanning, RVC's per-item loader, fixed-shape batches.
 
-Layouts (rvc-facts §7.1)
-------------------------
+Layouts (:data:`LAYOUTS`)
+-------------------------
 ``"rvc"`` (``logs/<exp>/``)::
 
     0_gt_wavs/<name>.wav            float32 mono wav at the model's sample rate
@@ -13,7 +13,8 @@ Layouts (rvc-facts §7.1)
 
 ``"applio"``: ``sliced_audios/``, ``f0/`` (coarse), ``f0_voiced/`` (Hz), ``extracted/``
 (768-d), ``model_info.json``; the speaker id is parsed from the ``{sid}_{idx0}_{idx1}``
-stem. Pitch files may be named ``<name>.wav.npy`` (RVC, Applio) or ``<name>.npy``.
+stem. Pitch files may be named ``<name>.wav.npy`` (RVC, Applio) or ``<name>.npy``
+(:func:`rvclora_jax.utterance.pitch_file`). A new layout is one more :class:`Layout` row.
 
 Policies
 --------
@@ -51,31 +52,18 @@ import os
 import queue
 import threading
 import warnings
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from scipy.io import wavfile
+
+from .audio import MelConfig
+from .utterance import FEATURE_DIM, collate, cut, load_npy, pitch_file, repeat_features
 
 log = logging.getLogger(__name__)
 
 MAX_FRAMES = 900  # RVC's loader cuts phone/pitch to 900 frames (DistributedBucketSampler's max)
 DEFAULT_BUCKETS = (100, 200, 300, 400, 500, 600, 700, 800, 900)
-
-# (n_fft, hop, win) per sample rate (rvc-facts §5.1). Kept private so this module does not
-# depend on audio.MelConfig; identical numbers.
-_STFT = {24000: (1024, 240, 1024), 32000: (1024, 320, 1024), 40000: (2048, 400, 2048),
-         48000: (2048, 480, 2048)}
-
-_FEATURE_DIM = {"v1": 256, "v2": 768}
-
-
-def stft_params(sr: int) -> tuple[int, int, int]:
-    """``(n_fft, hop, win)`` of RVC's linear spectrogram at sample rate ``sr``."""
-    try:
-        return _STFT[int(sr)]
-    except KeyError:
-        raise ValueError(f"unsupported sample rate {sr}; expected one of {sorted(_STFT)}") from None
-
 
 def example_dir() -> str:
     """Path of the built-in example experiment (RVC layout, v2, 40 kHz, f0, speaker 0)."""
@@ -103,32 +91,63 @@ class Item:
         return os.path.splitext(os.path.basename(self.wav))[0]
 
 
-_LAYOUT_DIRS = {
-    "rvc": {"wav": "0_gt_wavs", "pitch": "2a_f0", "pitchf": "2b-f0nsf"},
-    "applio": {"wav": "sliced_audios", "pitch": "f0", "pitchf": "f0_voiced", "feature": "extracted"},
+def _speaker_zero(name: str, wav: str) -> int:
+    return 0  # RVC's preprocessing writes one speaker per experiment, id 0
+
+
+def _speaker_from_stem(name: str, wav: str) -> int:
+    try:
+        return int(name.split("_")[0])
+    except ValueError:
+        raise ValueError(f"{wav}: cannot parse the speaker id from the stem "
+                         "(expected {sid}_{idx0}_{idx1})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where one experiment layout keeps its files (folders relative to the experiment).
+
+    Every utterance ``<name>`` has ``{wavs}/<name>.wav``, ``{features}/<name>.npy`` (the
+    folder name may depend on the feature width, ``{dim}``) and, for f0 models,
+    ``{pitch}/<name>.wav.npy`` (coarse) and ``{pitchf}/<name>.wav.npy`` (Hz)."""
+
+    title: str
+    wavs: str
+    features: str
+    pitch: str
+    pitchf: str
+    speaker: Callable[[str, str], int]  # (name, wav path) -> speaker id
+
+    def feature_dir(self, exp_dir: str, version: str) -> str:
+        return os.path.join(exp_dir, self.features.format(dim=FEATURE_DIM[version]))
+
+
+LAYOUTS: dict[str, Layout] = {
+    "rvc": Layout("RVC", "0_gt_wavs", "3_feature{dim}", "2a_f0", "2b-f0nsf", _speaker_zero),
+    "applio": Layout("Applio", "sliced_audios", "extracted", "f0", "f0_voiced", _speaker_from_stem),
 }
 
 
 def detect_layout(exp_dir: str) -> str:
-    """``"rvc"`` if ``exp_dir/0_gt_wavs`` exists, ``"applio"`` if ``exp_dir/sliced_audios`` does."""
+    """The :data:`LAYOUTS` key whose wav folder ``exp_dir`` has (``"rvc"``: ``0_gt_wavs/``,
+    ``"applio"``: ``sliced_audios/``)."""
     if not os.path.isdir(exp_dir):
         raise FileNotFoundError(f"experiment folder not found: {exp_dir}")
-    if os.path.isdir(os.path.join(exp_dir, "0_gt_wavs")):
-        return "rvc"
-    if os.path.isdir(os.path.join(exp_dir, "sliced_audios")):
-        return "applio"
-    raise ValueError(f"{exp_dir}: neither an RVC experiment (no 0_gt_wavs/) nor an Applio one "
-                     "(no sliced_audios/)")
+    for name, layout in LAYOUTS.items():
+        if os.path.isdir(os.path.join(exp_dir, layout.wavs)):
+            return name
+    raise ValueError(f"{exp_dir}: neither " + " nor ".join(
+        f"an {layout.title} experiment (no {layout.wavs}/)" for layout in LAYOUTS.values()))
 
 
-def _feature_dir(exp_dir: str, layout: str, version: str) -> str:
-    if layout == "applio":
-        return os.path.join(exp_dir, "extracted")
-    want = os.path.join(exp_dir, f"3_feature{_FEATURE_DIM[version]}")
+def _feature_dir(exp_dir: str, layout: Layout, version: str) -> str:
+    want = layout.feature_dir(exp_dir, version)
     if not os.path.isdir(want):
-        other = {"v1": "v2", "v2": "v1"}[version]
-        alt = os.path.join(exp_dir, f"3_feature{_FEATURE_DIM[other]}")
-        hint = f" (found {alt}: use version={other!r}?)" if os.path.isdir(alt) else ""
+        hint = ""
+        for other in FEATURE_DIM:  # the other version's folder: a likely mix-up
+            alt = layout.feature_dir(exp_dir, other)
+            if alt != want and os.path.isdir(alt):
+                hint = f" (found {alt}: use version={other!r}?)"
         raise FileNotFoundError(f"feature folder not found: {want}{hint}")
     return want
 
@@ -155,7 +174,7 @@ def _check_item(wav, feature, pitch, pitchf, sid, *, sr, dim) -> Item:
         raise ValueError(f"cannot read feature file {feature}: {e}") from e
     if feat.ndim != 2 or feat.shape[1] != dim:
         raise ValueError(f"{feature}: feature shape {tuple(feat.shape)}, expected [T, {dim}] "
-                         f"for {'v1' if dim == 256 else 'v2'}")
+                         f"for {next(v for v, d in FEATURE_DIM.items() if d == dim)}")
     return Item(wav, feature, pitch, pitchf, int(sid), rate, n, int(feat.shape[0]))
 
 
@@ -168,16 +187,6 @@ def _missing(path: str, wav: str, strict: bool) -> bool:
         raise FileNotFoundError(msg)
     warnings.warn(msg + "; skipping this wav", stacklevel=3)
     return True
-
-
-def _pitch_file(folder: str, name: str) -> str:
-    """``<name>.wav.npy`` (RVC/Applio) or, if only that exists, ``<name>.npy``."""
-    p = os.path.join(folder, name + ".wav.npy")
-    if not os.path.exists(p):
-        alt = os.path.join(folder, name + ".npy")
-        if os.path.exists(alt):
-            return alt
-    return p
 
 
 def _resolve(path: str, exp_dir: str) -> str:
@@ -236,20 +245,19 @@ def scan_experiment(exp_dir: str, *, version: str = "v2", f0: bool = True, sr: i
     Checks every file's existence, every wav's sample rate/channels and every feature's
     dimension from headers only (cheap). Items come back sorted by wav path (or in
     filelist order)."""
-    if version not in _FEATURE_DIM:
+    if version not in FEATURE_DIM:
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
-    stft_params(sr)
+    MelConfig.for_rate(sr)  # a supported rate
     exp_dir = os.path.abspath(exp_dir)
-    layout = detect_layout(exp_dir)
-    dim = _FEATURE_DIM[version]
+    layout = LAYOUTS[detect_layout(exp_dir)]
+    dim = FEATURE_DIM[version]
     filelist = os.path.join(exp_dir, "filelist.txt")
     if use_filelist and os.path.isfile(filelist):
         return _scan_filelist(exp_dir, filelist, f0=f0, sr=sr, dim=dim, strict=strict)
 
-    dirs = _LAYOUT_DIRS[layout]
-    wav_dir = os.path.join(exp_dir, dirs["wav"])
+    wav_dir = os.path.join(exp_dir, layout.wavs)
     feat_dir = _feature_dir(exp_dir, layout, version)
-    pitch_dirs = (os.path.join(exp_dir, dirs["pitch"]), os.path.join(exp_dir, dirs["pitchf"])) if f0 else ()
+    pitch_dirs = (os.path.join(exp_dir, layout.pitch), os.path.join(exp_dir, layout.pitchf)) if f0 else ()
     for d in (feat_dir,) + pitch_dirs:
         if not os.path.isdir(d):
             raise FileNotFoundError(f"folder not found: {d}")
@@ -266,17 +274,10 @@ def scan_experiment(exp_dir: str, *, version: str = "v2", f0: bool = True, sr: i
         feature = os.path.join(feat_dir, name + ".npy")
         paths = [feature]
         if f0:
-            paths += [_pitch_file(pitch_dirs[0], name), _pitch_file(pitch_dirs[1], name)]
+            paths += [pitch_file(pitch_dirs[0], name), pitch_file(pitch_dirs[1], name)]
         if any(_missing(p, wav, strict) for p in paths):
             continue
-        if layout == "applio":
-            try:
-                sid = int(name.split("_")[0])
-            except ValueError:
-                raise ValueError(f"{wav}: cannot parse the speaker id from the stem "
-                                 "(expected {sid}_{idx0}_{idx1})") from None
-        else:
-            sid = 0
+        sid = layout.speaker(name, wav)
         pitch, pitchf = (paths[1], paths[2]) if f0 else (None, None)
         items.append(_check_item(wav, feature, pitch, pitchf, sid, sr=sr, dim=dim))
     if not items:
@@ -315,15 +316,12 @@ def read_wav(path: str, sr: int | None = None) -> np.ndarray:
 _SPEC_FNS: dict = {}
 
 
-def _spec_fn(n_fft: int, hop: int, win: int):
-    key = (n_fft, hop, win)
-    if key not in _SPEC_FNS:
+def _spec_fn(mel: MelConfig):
+    if mel not in _SPEC_FNS:
         import jax
 
-        from .audio import spectrogram
-
-        _SPEC_FNS[key] = jax.jit(lambda y: spectrogram(y, n_fft, hop, win))
-    return _SPEC_FNS[key]
+        _SPEC_FNS[mel] = jax.jit(mel.spectrogram)
+    return _SPEC_FNS[mel]
 
 
 def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
@@ -332,11 +330,12 @@ def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
 
     Waveforms are grouped by padded length (multiples of ``granule`` samples, default
     50 frames) and each group runs as ``[chunk, L]`` batches through one jitted
-    :func:`rvclora_jax.audio.spectrogram`. Exactness: each row holds the waveform plus
+    :meth:`rvclora_jax.audio.MelConfig.spectrogram`. Exactness: each row holds the waveform plus
     its own right reflect-padding, then zeros; every frame k < N // hop only reads
     samples in [−pad, N + pad), so the result equals the per-file spectrogram."""
-    n_fft, hop, win = stft_params(sr)
-    pad = int((n_fft - hop) / 2)
+    mel = MelConfig.for_rate(sr)
+    hop = mel.hop_length
+    pad = int((mel.filter_length - hop) / 2)
     granule = granule or 50 * hop
     out: list[np.ndarray | None] = [None] * len(wavs)
     groups: dict[int, list[int]] = {}
@@ -345,7 +344,7 @@ def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
             raise ValueError(f"waveform {i} has {len(w)} samples; the spectrogram needs more than {pad}")
         L = -(-(len(w) + pad + 1) // granule) * granule
         groups.setdefault(L, []).append(i)
-    fn = _spec_fn(n_fft, hop, win)
+    fn = _spec_fn(mel)
     for L, idx in sorted(groups.items()):
         for s in range(0, len(idx), chunk):
             part = idx[s:s + chunk]
@@ -359,36 +358,29 @@ def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
     return out  # type: ignore[return-value]
 
 
-def _cache_path(cache_dir: str, item: Item, sr: int) -> str:
+def _cache_path(cache_dir: str, item: Item, mel: MelConfig) -> str:
     st = os.stat(item.wav)
-    key = f"{os.path.abspath(item.wav)}|{st.st_size}|{st.st_mtime_ns}|{stft_params(sr)}"
+    stft = (mel.filter_length, mel.hop_length, mel.win_length)
+    key = f"{os.path.abspath(item.wav)}|{st.st_size}|{st.st_mtime_ns}|{stft}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{item.name}-{digest}.spec.npy")
 
 
-def _load_labels(item: Item):
-    phone = np.load(item.feature)
-    phone = np.repeat(phone, 2, axis=0)  # 50 fps -> 100 fps
+def _utterance(item: Item, wave: np.ndarray, spec: np.ndarray, hop: int) -> dict:
+    """RVC's ``TextAudioLoaderMultiNSFsid.get_audio_text_pair`` on loaded audio (see :func:`load_item`)."""
+    phone = repeat_features(load_npy(item.feature))
     n = min(phone.shape[0], MAX_FRAMES)
-    phone = phone[:n].astype(np.float32)
-    pitch = pitchf = None
+    utt = {"phone": phone[:n].astype(np.float32), "pitch": None, "pitchf": None}
     if item.pitch is not None:
-        pitch = np.load(item.pitch)[:n].astype(np.int32)
-        pitchf = np.load(item.pitchf)[:n].astype(np.float32)
-    return phone, pitch, pitchf
+        utt["pitch"] = load_npy(item.pitch)[:n].astype(np.int32)
+        utt["pitchf"] = load_npy(item.pitchf)[:n].astype(np.float32)
+    utt.update(spec=spec, wave=wave, sid=item.sid)
+    if n != spec.shape[0]:  # RVC cuts everything to the shorter only when they differ
+        utt = cut(utt, min(n, spec.shape[0]), hop)
+    return utt
 
 
-def _align(phone, pitch, pitchf, spec, wave, hop):
-    if phone.shape[0] != spec.shape[0]:
-        m = min(phone.shape[0], spec.shape[0])
-        spec, wave, phone = spec[:m], wave[:m * hop], phone[:m]
-        if pitch is not None:
-            pitch, pitchf = pitch[:m], pitchf[:m]
-    return phone, pitch, pitchf, spec, wave
-
-
-def load_item(item: Item, sr: int | None = None, *, spec: np.ndarray | None = None,
-              cache_dir: str | None = None) -> dict:
+def load_item(item: Item, sr: int | None = None, *, cache_dir: str | None = None) -> dict:
     """One item with RVC's loader semantics (``TextAudioLoaderMultiNSFsid``), channels-last.
 
     phone = repeat(feature, 2) cut to n = min(len, 900), pitch/pitchf cut to n; the
@@ -397,27 +389,8 @@ def load_item(item: Item, sr: int | None = None, *, spec: np.ndarray | None = No
     needed. Returns float32 ``phone [T,C]``, ``spec [T,F]``, ``wave [N]``, ``pitchf [T]``,
     int32 ``pitch [T]`` (``None`` for nono items) and ``sid``.
 
-    ``spec`` supplies a precomputed spectrogram; ``cache_dir`` reads/writes one there."""
-    sr = sr or item.sr
-    n_fft, hop, win = stft_params(sr)
-    phone, pitch, pitchf = _load_labels(item)
-    wave = read_wav(item.wav, sr)
-    path = _cache_path(cache_dir, item, sr) if cache_dir else None
-    frames = len(wave) // hop
-    if spec is None and path and os.path.exists(path):
-        try:
-            cached = np.load(path)
-            if cached.shape == (frames, n_fft // 2 + 1):
-                spec = cached
-        except (OSError, ValueError):
-            spec = None
-    if spec is None:
-        spec = spectrograms([wave], sr)[0]
-        if path:
-            _save_quietly(path, spec)
-    phone, pitch, pitchf, spec, wave = _align(phone, pitch, pitchf, spec, wave, hop)
-    return {"phone": phone, "pitch": pitch, "pitchf": pitchf, "spec": spec, "wave": wave,
-            "sid": item.sid}
+    ``cache_dir`` reads/writes the spectrogram there."""
+    return load_items([item], sr, cache_dir=cache_dir)[0]
 
 
 def _save_quietly(path: str, arr: np.ndarray) -> None:
@@ -436,31 +409,24 @@ def load_items(items: Sequence[Item], sr: int | None = None, *,
     batched calls (one jitted shape per 0.5 s length group)."""
     if not items:
         return []
-    sr = sr or items[0].sr
-    n_fft, hop, _ = stft_params(sr)
-    waves = [read_wav(it.wav, sr) for it in items]
+    mel = MelConfig.for_rate(sr or items[0].sr)
+    waves = [read_wav(it.wav, mel.sampling_rate) for it in items]
     specs: list[np.ndarray | None] = [None] * len(items)
-    paths = [_cache_path(cache_dir, it, sr) if cache_dir else None for it in items]
+    paths = [_cache_path(cache_dir, it, mel) if cache_dir else None for it in items]
     for i, p in enumerate(paths):
         if p and os.path.exists(p):
             try:
                 s = np.load(p)
-                if s.shape == (len(waves[i]) // hop, n_fft // 2 + 1):
+                if s.shape == (len(waves[i]) // mel.hop_length, mel.n_freq):
                     specs[i] = s
             except (OSError, ValueError):
                 pass
     todo = [i for i, s in enumerate(specs) if s is None]
-    for i, s in zip(todo, spectrograms([waves[i] for i in todo], sr)):
+    for i, s in zip(todo, spectrograms([waves[i] for i in todo], mel.sampling_rate)):
         specs[i] = s
         if paths[i]:
             _save_quietly(paths[i], s)
-    out = []
-    for it, wave, spec in zip(items, waves, specs):
-        phone, pitch, pitchf = _load_labels(it)
-        phone, pitch, pitchf, spec, wave = _align(phone, pitch, pitchf, spec, wave, hop)
-        out.append({"phone": phone, "pitch": pitch, "pitchf": pitchf, "spec": spec, "wave": wave,
-                    "sid": it.sid})
-    return out
+    return [_utterance(it, wave, spec, mel.hop_length) for it, wave, spec in zip(items, waves, specs)]
 
 
 # --------------------------------------------------------------------------- batching
@@ -501,7 +467,7 @@ class Batches:
         if not items:
             raise ValueError("no items")
         self.sr = sr or items[0].sr
-        self.hop = stft_params(self.sr)[1]
+        self.hop = MelConfig.for_rate(self.sr).hop_length
         self.batch_size, self.segment_frames, self.seed, self.last = batch_size, segment_frames, seed, last
         if isinstance(buckets, int):
             buckets = tuple(range(buckets, MAX_FRAMES, buckets)) + (MAX_FRAMES,)
@@ -559,30 +525,7 @@ class Batches:
 
     def collate(self, T: int, idx: Sequence[int]) -> dict:
         rows = sorted(idx, key=lambda i: -self.data[i]["spec"].shape[0])  # RVC: longest first
-        d0 = self.data[rows[0]]
-        B, C, F, hop = len(rows), d0["phone"].shape[1], d0["spec"].shape[1], self.hop
-        out = {
-            "phone": np.zeros((B, T, C), np.float32),
-            "phone_lengths": np.zeros(B, np.int32),
-            "spec": np.zeros((B, T, F), np.float32),
-            "spec_lengths": np.zeros(B, np.int32),
-            "wave": np.zeros((B, T * hop), np.float32),
-            "wave_lengths": np.zeros(B, np.int32),
-            "sid": np.zeros(B, np.int32),
-        }
-        if self.f0:
-            out["pitch"] = np.zeros((B, T), np.int32)
-            out["pitchf"] = np.zeros((B, T), np.float32)
-        for r, i in enumerate(rows):
-            d = self.data[i]
-            for k in ("phone", "spec", "wave"):
-                out[k][r, : len(d[k])] = d[k]
-                out[f"{k}_lengths"][r] = len(d[k])
-            if self.f0:
-                out["pitch"][r, : len(d["pitch"])] = d["pitch"]
-                out["pitchf"][r, : len(d["pitchf"])] = d["pitchf"]
-            out["sid"][r] = d["sid"]
-        return out
+        return collate([self.data[i] for i in rows], T, hop=self.hop)
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[dict]:
         """The batches of ``epoch`` from batch index ``start`` on."""

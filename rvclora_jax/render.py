@@ -1,6 +1,8 @@
 """Render audio from content features + f0 with a (LoRA-adapted) RVC synthesizer.
 
-``rvclora render`` is RVC's ``pipeline.vc`` minus feature extraction and pitch tracking:
+The rendering core of ``rvclora render`` (:mod:`rvclora_jax.cli.render` loads the model)
+and of the samples written during training (:class:`rvclora_jax.run.Validator`). It is
+RVC's ``pipeline.vc`` minus feature extraction and pitch tracking:
 the caller brings the HuBERT/ContentVec features (``[T50, C]`` at 50 fps, RVC's
 ``3_feature{256,768}/<name>.npy``) and the f0 in Hz at 100 fps (RVC's
 ``2b-f0nsf/<name>.wav.npy``). The features are repeated ×2 to 100 fps (RVC's
@@ -25,10 +27,9 @@ which is what RVC does (one utterance at a time).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import wave
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,7 @@ from flax import nnx
 
 from .fileio import atomic_write
 from .models.synthesizer import INFER_NOISE_SCALE
+from .utterance import FEATURE_DIM, collate, load_npy, pitch_file, repeat_features, stem
 
 F0_MIN, F0_MAX = 50.0, 1100.0
 # frames at 100 fps. RVC's own files differ by up to 3: f0 has N//160 + 1 frames, HuBERT
@@ -65,7 +67,7 @@ def coarse_pitch(f0_hz) -> np.ndarray:
 
 
 def _feature_dim(model) -> int:
-    return int(getattr(model, "feature_dim", 256 if model.version == "v1" else 768))
+    return int(getattr(model, "feature_dim", FEATURE_DIM[model.version]))
 
 
 def prepare_inputs(features, f0=None, *, f0_up_key: float = 0.0, model=None, name: str = "input") -> dict:
@@ -92,7 +94,7 @@ def prepare_inputs(features, f0=None, *, f0_up_key: float = 0.0, model=None, nam
             raise ValueError(f"{name}: the model has pitch (f0) input; give its f0 (RVC's 2b-f0nsf/*.wav.npy, Hz)")
         if not model.f0 and f0 is not None:
             raise ValueError(f"{name}: the model has no pitch input (a nono model); do not give f0")
-    phone = np.repeat(feats.astype(np.float32), 2, axis=0)
+    phone = repeat_features(feats.astype(np.float32))
     pitch = pitchf = None
     if f0 is not None:
         f0 = np.asarray(f0)
@@ -135,23 +137,6 @@ def _check(model, inputs: Sequence[dict]) -> None:
             raise ValueError(f"{name}: the model has pitch (f0) input; the input has no f0")
 
 
-def collate(inputs: Sequence[dict], f0: bool) -> dict:
-    """Zero-pad to the longest: phone [B,T,C], lengths [B], pitch [B,T] i32, pitchf [B,T]."""
-    T = max(int(x["length"]) for x in inputs)
-    B, C = len(inputs), inputs[0]["phone"].shape[1]
-    phone = np.zeros((B, T, C), np.float32)
-    lengths = np.array([int(x["length"]) for x in inputs], np.int32)
-    pitch = np.zeros((B, T), np.int32) if f0 else None
-    pitchf = np.zeros((B, T), np.float32) if f0 else None
-    for i, x in enumerate(inputs):
-        n = lengths[i]
-        phone[i, :n] = x["phone"][:n]
-        if f0:
-            pitch[i, :n] = x["pitch"][:n]
-            pitchf[i, :n] = x["pitchf"][:n]
-    return {"phone": phone, "lengths": lengths, "pitch": pitch, "pitchf": pitchf}
-
-
 # --------------------------------------------------------------------------- rendering
 
 
@@ -181,7 +166,7 @@ def render_arrays(model, inputs: Sequence[dict], *, sid=0, noise_scale: float = 
     zero-padded batch (T = the longest input); ``None`` means no noise. One jit-compiled
     call; returns each input's audio cut to its own ``T·hop`` samples (float32)."""
     _check(model, inputs)
-    b = collate(inputs, model.f0)
+    b = collate(inputs)
     B, T = b["phone"].shape[:2]
     hop = int(model.config.hop_length)
     if eps is not None:
@@ -196,12 +181,11 @@ def render_arrays(model, inputs: Sequence[dict], *, sid=0, noise_scale: float = 
     else:
         source_noise = None
     graphdef, state = nnx.split(model)
-    o = _infer(graphdef, state, jnp.asarray(b["phone"]), jnp.asarray(b["lengths"]),
-               None if b["pitch"] is None else jnp.asarray(b["pitch"]),
-               None if b["pitchf"] is None else jnp.asarray(b["pitchf"]),
+    pitch, pitchf = (jnp.asarray(b["pitch"]), jnp.asarray(b["pitchf"])) if model.f0 else (None, None)
+    o = _infer(graphdef, state, jnp.asarray(b["phone"]), jnp.asarray(b["phone_lengths"]), pitch, pitchf,
                jnp.asarray(_sids(model, sid, B)), eps, source_noise, jnp.float32(noise_scale))
     o = np.asarray(jax.device_get(o), np.float32)
-    return [o[i, : int(n) * hop].copy() for i, n in enumerate(b["lengths"])]
+    return [o[i, : int(n) * hop].copy() for i, n in enumerate(b["phone_lengths"])]
 
 
 def render(model, inputs_list: Sequence[dict] | dict, *, sid=0, noise_scale: float = INFER_NOISE_SCALE,
@@ -244,28 +228,11 @@ def write_wav(path: str, audio, sr: int) -> str:
     return atomic_write(path, write, suffix=".wav")
 
 
-def _stem(filename: str) -> str:
-    name = os.path.basename(filename)
-    if name.endswith(".npy"):
-        name = name[:-4]
-    if name.endswith(".wav"):
-        name = name[:-4]
-    return name
-
-
-def _load_npy(path: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a numpy array file ({e})") from None
-
-
 def _f0_file(f0_dir: str, name: str) -> str:
-    for cand in (name + ".wav.npy", name + ".npy"):
-        p = os.path.join(f0_dir, cand)
-        if os.path.exists(p):
-            return p
-    raise FileNotFoundError(f"{f0_dir}: no f0 file for {name} (looked for {name}.wav.npy and {name}.npy)")
+    p = pitch_file(f0_dir, name)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"{f0_dir}: no f0 file for {name} (looked for {name}.wav.npy and {name}.npy)")
+    return p
 
 
 def collect_inputs(model, features: str, f0: str | None, *, f0_up_key: float = 0.0) -> list[dict]:
@@ -285,106 +252,22 @@ def collect_inputs(model, features: str, f0: str | None, *, f0_up_key: float = 0
             raise ValueError(f"--features is a folder, so --f0 must be a folder too ({f0} is not)")
         out = []
         for fn in files:
-            name = _stem(fn)
+            name = stem(fn)
             fpath = os.path.join(features, fn)
-            f0_arr = _load_npy(_f0_file(f0, name)) if f0 is not None else None
-            out.append(prepare_inputs(_load_npy(fpath), f0_arr, f0_up_key=f0_up_key, model=model, name=name))
+            f0_arr = load_npy(_f0_file(f0, name)) if f0 is not None else None
+            out.append(prepare_inputs(load_npy(fpath), f0_arr, f0_up_key=f0_up_key, model=model, name=name))
         names = [x["name"] for x in out]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"{features}: several feature files map to the name {sorted(dup)[0]}")
         return out
     if f0 is not None and os.path.isdir(f0):
-        f0 = _f0_file(f0, _stem(features))
+        f0 = _f0_file(f0, stem(features))
     if f0 is not None and not os.path.exists(f0):
         raise FileNotFoundError(f"{f0}: no such f0 file")
-    return [prepare_inputs(_load_npy(features), _load_npy(f0) if f0 is not None else None,
-                           f0_up_key=f0_up_key, model=model, name=_stem(features))]
+    return [prepare_inputs(load_npy(features), load_npy(f0) if f0 is not None else None,
+                           f0_up_key=f0_up_key, model=model, name=stem(features))]
 
 
-def _load_model(path: str, adapter: str | None, scale: float):
-    """MODEL.pth | converted dir | RUN_DIR (adapter dir whose metadata names its base) → Synthesizer."""
-    from .fileio import require_torch
-
-    require_torch("reading .pth files")
-    from rvclora_convert.export import load_source, merge_adapter
-
-    from . import lora
-    from .params import load_params
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such model file or folder")
-    cfg_path = os.path.join(path, lora.ADAPTER_CONFIG) if os.path.isdir(path) else None
-    if cfg_path and os.path.exists(cfg_path):
-        if adapter is not None:
-            raise ValueError(f"{path}: is a training run (an adapter directory); it brings its own adapter, "
-                             f"so do not pass --adapter")
-        with open(cfg_path) as fh:
-            try:
-                meta = json.load(fh).get("metadata", {})
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
-        base = meta.get("base")
-        if not base:
-            raise ValueError(f"{cfg_path}: the adapter's metadata names no base model; pass the base model "
-                             f"and --adapter {path}")
-        adapter, path = path, base
-    src = load_source(path)
-    if src.kind != "generator":
-        raise ValueError(f"{src.path}: is a {src.kind}; render needs a generator (an RVC voice model)")
-    if adapter is not None:
-        merged, _ = merge_adapter(src, adapter, scale)
-        load_params(src.model, merged)
-    elif scale != 1.0:
-        raise ValueError("--scale needs --adapter (or a RUN_DIR)")
-    return src.model, src
-
-
-def _cmd_render(args) -> int:
-    model, src = _load_model(args.model, args.adapter, args.scale)
-    inputs = collect_inputs(model, args.features, args.f0, f0_up_key=args.f0_up_key)
-    if args.noise_scale < 0:
-        raise ValueError(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
-    outs = render(model, inputs, sid=args.sid, noise_scale=args.noise_scale, seed=args.seed)
-    sr = int(model.config.sr)
-    if os.path.isdir(args.features):
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"{args.out}: --features is a folder, so --out must be a folder")
-        paths = [os.path.join(args.out, x["name"] + ".wav") for x in inputs]
-    else:
-        out = args.out
-        if os.path.isdir(out):
-            out = os.path.join(out, inputs[0]["name"] + ".wav")
-        paths = [out]
-    for p, y in zip(paths, outs):
-        write_wav(p, y, sr)
-        print(f"{p}: {len(y) / sr:.2f} s at {sr} Hz")
-    return 0
-
-
-def add_render_parser(subparsers) -> Any:
-    """Register ``rvclora render`` on an ``argparse`` subparsers object."""
-    p = subparsers.add_parser(
-        "render", help="render audio from content features + f0 with a model (+ adapter)",
-        description="Render WAVs from RVC content features (50 fps .npy, 3_feature256/768) and f0 in Hz "
-                    "(100 fps .npy, 2b-f0nsf). MODEL is an RVC .pth, a converted directory, or a training "
-                    "RUN_DIR (its adapter on the base named in its metadata). noise-scale 0 renders "
-                    "deterministically (no prior noise, no NSF noise).")
-    p.add_argument("model", metavar="MODEL", help="MODEL.pth | CONVERTED_DIR | RUN_DIR")
-    p.add_argument("--adapter", help="adapter directory (or its adapter.safetensors) to merge into MODEL")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1)")
-    p.add_argument("--features", required=True, metavar="F.npy|DIR", help="content features [frames, dim] at 50 fps")
-    p.add_argument("--f0", metavar="F0.npy|DIR", help="f0 in Hz at 100 fps (required for f0 models); "
-                   "in a folder <name>.npy or <name>.wav.npy")
-    p.add_argument("--out", required=True, metavar="OUT.wav|OUTDIR", help="output WAV (folder for a feature folder)")
-    p.add_argument("--sid", type=int, default=0, help="speaker id (row of emb_g, default 0)")
-    p.add_argument("--f0-up-key", type=float, default=0.0, metavar="SEMITONES", help="pitch shift (default 0)")
-    p.add_argument("--noise-scale", type=float, default=INFER_NOISE_SCALE,
-                   help=f"prior noise scale (RVC: {INFER_NOISE_SCALE}); 0 = deterministic")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
-    p.set_defaults(func=_cmd_render)
-    return p
-
-
-__all__ = ["coarse_pitch", "prepare_inputs", "collate", "render", "render_arrays", "write_wav",
-           "collect_inputs", "add_render_parser"]
+__all__ = ["coarse_pitch", "prepare_inputs", "render", "render_arrays", "write_wav", "collect_inputs",
+           "F0_MIN", "F0_MAX", "MAX_LENGTH_MISMATCH"]

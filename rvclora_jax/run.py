@@ -1,8 +1,10 @@
-"""A training run: data folder + base models → adapter, metrics and plots in RUN_DIR.
+"""A training run: data folder + base generator → trained adapter, metrics and plots in RUN_DIR.
 
-This is the JAX side of ``rvclora train``; reading the ``.pth`` bases and writing the
-merged ``model.pth`` happen in the CLI through ``convert/`` (the only torch code).
-RUN_DIR is itself an adapter directory (``adapter.safetensors`` + ``adapter_config.json``).
+:func:`run` is ``rvclora train`` without files of models: the caller (the CLI, through
+``rvclora_convert``) loads the base generator once, hands its model over, gets the trained
+adapter back in memory (:attr:`RunResult.adapter`) and merges it into that same base.
+RUN_DIR is itself an adapter directory (``adapter.safetensors`` + ``adapter_config.json``),
+so ``rvclora render RUN_DIR`` and ``rvclora export --adapter RUN_DIR`` work on it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -19,12 +21,20 @@ from flax import nnx
 
 from . import data as data_mod
 from . import lora
+from .audio import MelConfig
+from .families.rvc import RVC
+from .losses import C_MEL
 from .models.synthesizer import TRAIN_SEGMENT_SAMPLES, Synthesizer
-from .train import TrainConfig, Trainer, train_loop
+from .render import render_arrays, write_wav
+from .train import Hooks, TrainConfig, Trainer, train_loop
 
 
 @dataclasses.dataclass
 class RunConfig:
+    """Everything :func:`run` needs besides the models: the data, the run directory, the
+    adapter to train (:class:`~rvclora_jax.lora.LoRAConfig`), the optimisation
+    (:class:`~rvclora_jax.train.TrainConfig`) and the loop's length, checkpoints and logging."""
+
     data_dir: str
     run_dir: str
     lora: lora.LoRAConfig
@@ -95,20 +105,12 @@ def prepare_data(g: Synthesizer, data_dir: str, batch_size: int, segment_frames:
     return batches, val_items, val_data
 
 
-def prepare_batches(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
-                    sid: int | None = None):
-    return prepare_data(g, data_dir, batch_size, segment_frames, seed, sid=sid)[0]
-
-
 class Validator:
     """Held-out clips rendered with the live generator (noise 0): a sample WAV + mel PNG of
-    the first clip and ``val_mel`` (mel L1 ×45 vs the clips' own spectrogram, the mean over
+    the first clip and ``val_mel`` (mel L1 ×C_MEL vs the clips' own spectrogram, the mean over
     clips) for all. One jit-compiled render and one jit-compiled mel are reused."""
 
     def __init__(self, g: Synthesizer, items, data: list[dict], run_dir: str):
-        from . import render as R
-        from .audio import MelConfig
-
         self.g, self.items, self.run_dir = g, list(items), run_dir
         self.mel = MelConfig.for_rate(g.config.sr)
         self.hop = g.config.hop_length
@@ -122,11 +124,9 @@ class Validator:
         self.lengths = np.array([x["length"] for x in self.inputs], np.int32)
         self.target = np.asarray(jax.jit(self.mel.spec_to_mel)(spec))  # [B, T, n_mels]
         self._mel_fn = jax.jit(self.mel.mel)
-        self._render = R.render_arrays
-        self._write_wav = R.write_wav
 
     def __call__(self, step: int) -> dict:
-        outs = self._render(self.g, self.inputs, sid=self.sids, noise_scale=0.0)
+        outs = render_arrays(self.g, self.inputs, sid=self.sids, noise_scale=0.0)
         B, T = self.target.shape[:2]
         y = np.zeros((B, T * self.hop), np.float32)
         for i, o in enumerate(outs):
@@ -134,12 +134,12 @@ class Validator:
         gen = np.asarray(self._mel_fn(jax.numpy.asarray(y)))[:, :T]
         losses = []
         for i, n in enumerate(self.lengths):
-            losses.append(float(np.mean(np.abs(gen[i, :n] - self.target[i, :n]))) * 45.0)
+            losses.append(float(np.mean(np.abs(gen[i, :n] - self.target[i, :n]))) * C_MEL)
         val_mel = float(np.mean(losses))
         d = os.path.join(self.run_dir, "samples")
         os.makedirs(d, exist_ok=True)
         stem = os.path.join(d, f"step_{step:06d}")
-        self._write_wav(stem + ".wav", outs[0], self.g.config.sr)
+        write_wav(stem + ".wav", outs[0], self.g.config.sr)
         n0 = int(self.lengths[0])
         _plot_mels(self.target[0, :n0], gen[0, :n0], stem + ".png",
                    f"{self.items[0].name}, step {step}: val mel L1 ×45 {losses[0]:.2f}", self.hop / self.g.config.sr)
@@ -199,12 +199,45 @@ def plot_losses(metrics_path: str, png_path: str) -> None:
     os.replace(tmp, png_path)
 
 
-def run(g: Synthesizer, d: nnx.Module, cfg: RunConfig, *, base_fingerprint: dict | None = None,
-        log: Callable[[str], None] = print, metadata: dict | None = None) -> dict[str, Any]:
-    """Inject (or keep) adapters, train, and write the adapter, metrics and plot."""
+@dataclasses.dataclass
+class RunResult:
+    """What :func:`run` returns. ``adapter`` is the trained adapter in memory (numpy
+    factors, the run's LoRA config and base fingerprint, ``directory`` = the run dir it was
+    also saved to), ready to merge into the base it was trained on."""
+
+    step: int
+    interrupted: bool
+    metrics: list[dict]
+    summary: lora.Summary
+    adapter: lora.Adapter
+    loss_png: str
+    batches: data_mod.Batches
+    trainer: Trainer
+    val_items: list
+
+
+def describe_metrics(recs: list[dict]) -> str:
+    """One line: the mean mel loss of the first and of the last few logged steps, and the last KL/D."""
+    k = max(1, min(5, len(recs) // 3))
+    first = sum(r["mel"] for r in recs[:k]) / k
+    last = sum(r["mel"] for r in recs[-k:]) / k
+    return (f"step {recs[-1]['step']}: mel L1 x{C_MEL:g} (mean of the first / last {k} logged steps) "
+            f"{first:.2f} -> {last:.2f}; kl {recs[-1]['kl']:.2f}, loss_d {recs[-1]['loss_d']:.2f}")
+
+
+def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = None,
+        metadata: dict | None = None, log: Callable[[str], None] = print) -> RunResult:
+    """Train a LoRA adapter on ``g`` (the base generator, with ``enc_q``) and write RUN_DIR.
+
+    The adapter ``cfg.lora`` is injected into ``g`` in place (unless ``g`` already has
+    one) and holds the trained values afterwards; ``g``'s base weights never change.
+    ``discriminator`` defaults to the model family's, randomly initialised
+    (seed ``cfg.train.seed + 1``). ``metadata`` is stored in ``adapter_config.json``
+    (the CLI records the base file there, which ``rvclora render RUN_DIR`` reads)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
     base = lora.partition(nnx.to_pure_dict(nnx.state(g, nnx.Param)))[1]
-    fp = base_fingerprint or lora.fingerprint(base)
+    fp = lora.fingerprint(base)
+    d = discriminator if discriminator is not None else RVC.discriminator(g.version, nnx.Rngs(cfg.train.seed + 1))
     if not any(layer.has_lora for _, layer in lora.iter_lora_layers(g)):
         lora.inject(g, cfg.lora, rngs=nnx.Rngs(cfg.train.seed))
     summary = lora.summarize(g)
@@ -239,18 +272,21 @@ def run(g: Synthesizer, d: nnx.Module, cfg: RunConfig, *, base_fingerprint: dict
 
     res = train_loop(trainer, batches, total_steps=total, run_dir=cfg.run_dir, save_every=cfg.save_every,
                      keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
-                     on_step=on_step)
+                     hooks=Hooks(on_step=on_step))
     trainer.load_into_models(res.state)
     if validator is not None and res.step not in validated and res.step > 0:
         validate(res.state, res.step)
-    adapter = nnx.to_pure_dict(nnx.state(g, lora.LoRAParam))
+    params = lora.unflatten({p: np.asarray(v) for p, v in
+                             lora.flatten(nnx.to_pure_dict(nnx.state(g, lora.LoRAParam))).items()})
     meta = {"version": g.version, "sr": g.config.sr, "f0": g.f0, "steps": res.step,
             "data": os.path.abspath(cfg.data_dir), "train": dataclasses.asdict(cfg.train)}
     meta.update(metadata or {})
-    lora.save_adapter(cfg.run_dir, adapter, cfg.lora, base_fingerprint=fp, metadata=meta)
+    lora.save_adapter(cfg.run_dir, params, cfg.lora, base_fingerprint=fp, metadata=meta)
+    adapter = lora.Adapter(params, cfg.lora, fp, meta, cfg.run_dir)
     png = os.path.join(cfg.run_dir, "loss.png")
     if os.path.exists(metrics):
         plot_losses(metrics, png)
-    return {"step": res.step, "interrupted": res.interrupted, "metrics": res.metrics, "summary": summary,
-            "adapter_dir": cfg.run_dir, "loss_png": png, "batches": batches, "trainer": trainer,
-            "val_items": val_items}
+    if res.metrics:
+        log(describe_metrics(res.metrics))
+    return RunResult(step=res.step, interrupted=res.interrupted, metrics=res.metrics, summary=summary,
+                     adapter=adapter, loss_png=png, batches=batches, trainer=trainer, val_items=val_items)

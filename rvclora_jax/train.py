@@ -14,7 +14,8 @@ the adapter. Only ``LoRAParam`` leaves are differentiated and have optimizer sta
 frozen base is a closed-over constant of the step.
 
 Optimiser defaults are RVC's: AdamW(lr 1e-4, betas (0.8, 0.99), eps 1e-9, weight decay
-0.01) for both networks, learning rate × 0.999875 per epoch. Every random draw (posterior
+0.01) for both networks, learning rate × 0.999875 per epoch (:func:`lr_schedule`).
+:class:`TrainConfig`'s defaults are the one place these numbers live. Every random draw (posterior
 noise, segment starts, NSF noise) comes from ``fold_in(seed key, step)``, so a run is a
 pure function of (seed, data order, step) and resumes exactly.
 
@@ -42,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import lora
-from .audio import MelConfig, mel_spectrogram
+from .audio import MelConfig
 from .layers import LoRAParam
 from .losses import C_KL, C_MEL, discriminator_loss, feature_loss, generator_loss, kl_loss, mel_l1
 from .models.synthesizer import Synthesizer, slice_segments
@@ -50,6 +51,10 @@ from .models.synthesizer import Synthesizer, slice_segments
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """One training run's hyper-parameters. The defaults are RVC's (``configs/*.json``
+    ``train`` and its ``AdamW``/``ExponentialLR``); code that needs RVC's optimizer
+    settings (e.g. an exported checkpoint's empty AdamW state) reads them from here."""
+
     batch_size: int = 4
     segment_frames: int = 32  # RVC: train.segment_size // hop (32 at 40k)
     lr: float = 1e-4
@@ -64,11 +69,17 @@ class TrainConfig:
     train_d: bool = True
 
 
-def _adamw(lr: float, cfg: TrainConfig, steps_per_epoch: int):
+def lr_schedule(lr: float, decay: float, steps_per_epoch: int) -> Callable:
+    """RVC's learning rate after ``step`` optimizer steps: ``lr · decay^epoch`` (its
+    ``ExponentialLR`` stepped once per epoch of ``steps_per_epoch`` batches)."""
     spe = max(int(steps_per_epoch), 1)
 
-    def schedule(count):
-        return lr * cfg.lr_decay ** (count // spe)
+    def schedule(step):
+        return lr * decay ** (step // spe)
+    return schedule
+
+
+def _adamw(schedule: Callable, cfg: TrainConfig):
     return optax.adamw(schedule, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -95,8 +106,9 @@ class Trainer:
         # copies, not the modules' own Variables: load_into_models() must not change init_state()
         g_adapter, d_params = jax.tree.map(np.array, (g_adapter, d_params))
         c = self.config
-        self.tx_g = _adamw(c.lr, c, self.steps_per_epoch)
-        self.tx_d = _adamw(c.lr_d or c.lr, c, self.steps_per_epoch)
+        self.lr_g = lr_schedule(c.lr, c.lr_decay, self.steps_per_epoch)
+        self.tx_g = _adamw(self.lr_g, c)
+        self.tx_d = _adamw(lr_schedule(c.lr_d or c.lr, c.lr_decay, self.steps_per_epoch), c)
         self.mel = MelConfig.for_rate(g.config.sr)
         self.hop = g.config.hop_length
         if self.mel.hop_length != self.hop:
@@ -112,6 +124,7 @@ class Trainer:
         self._step = jax.jit(self._train_step, donate_argnums=(0,),
                              in_shardings=(self.replicated, self.batch_sharding),
                              out_shardings=(self.replicated, self.replicated))
+        self._evaluate = jax.jit(self._evaluate_fn)
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> dict:
@@ -154,13 +167,38 @@ class Trainer:
     def _d_apply(self, d_params, y):
         return nnx.merge(self.d_graphdef, d_params).apply_one(y)
 
+    def _generator_loss(self, d_params, o, stats, y_mask, wave, y_mel):
+        """RVC's generator objective on the generated segment ``o`` against discriminator
+        ``d_params``: ``(total, {"loss_g", "mel", "kl", "fm", "adv"}, the tensors the
+        terms were computed from)``."""
+        c = self.config
+        z, z_p, m_p, logs_p, m_q, logs_q = stats
+        y_hat_mel = self.mel.mel(o[..., 0])
+        _, fmap_r = self._d_apply(d_params, wave)
+        fake, fmap_g = self._d_apply(d_params, o)
+        loss_mel = mel_l1(y_mel, y_hat_mel) * c.c_mel
+        loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, y_mask) * c.c_kl
+        loss_fm = feature_loss(fmap_r, fmap_g)
+        loss_adv = generator_loss(fake)[0]
+        total = loss_adv + loss_fm + loss_mel + loss_kl
+        parts = {"loss_g": total, "mel": loss_mel, "kl": loss_kl, "fm": loss_fm, "adv": loss_adv}
+        tensors = {"y_hat": o, "y_mel": y_mel, "y_hat_mel": y_hat_mel, "fmap_r": fmap_r, "fmap_g": fmap_g,
+                   "fake": fake, "z_p": z_p, "logs_q": logs_q, "m_p": m_p, "logs_p": logs_p, "z_mask": y_mask}
+        return total, parts, tensors
+
+    def _segments(self, batch, ids):
+        """The real audio and spectrogram's mel under the generated segment (RVC's slices)."""
+        seg, hop = self.config.segment_frames, self.hop
+        wave = slice_segments(batch["wave"][..., None], ids * hop, seg * hop)
+        y_mel = self.mel.spec_to_mel(slice_segments(batch["spec"], ids, seg))
+        return wave, y_mel
+
     def _train_step(self, state, batch):
         c = self.config
-        seg, hop, mel = c.segment_frames, self.hop, self.mel
         key = jax.random.fold_in(self.root_key, state["step"])
         (o, stats), g_vjp, (y_mask, ids) = jax.vjp(
             lambda ad: self._gen_forward(ad, batch, key), state["g"], has_aux=True)
-        wave = slice_segments(batch["wave"][..., None], ids * hop, seg * hop)
+        wave, y_mel = self._segments(batch, ids)
 
         # 1) discriminator step on the generated audio with gradients stopped
         def d_loss_fn(dp):
@@ -178,37 +216,37 @@ class Trainer:
             opt_d, d_params = state["opt_d"], state["d"]
 
         # 2) generator loss with the updated discriminator, pulled back to the adapter
-        y_mel = mel.spec_to_mel(slice_segments(batch["spec"], ids, seg))
-
         def g_loss_fn(o, stats):
-            z, z_p, m_p, logs_p, m_q, logs_q = stats
-            y_hat_mel = mel_spectrogram(o[..., 0], mel.filter_length, mel.n_mel_channels, mel.sampling_rate,
-                                        mel.hop_length, mel.win_length, mel.mel_fmin, mel.mel_fmax)
-            _, fmap_r = self._d_apply(d_params, wave)
-            fake, fmap_g = self._d_apply(d_params, o)
-            loss_mel = mel_l1(y_mel, y_hat_mel) * c.c_mel
-            loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, y_mask) * c.c_kl
-            loss_fm = feature_loss(fmap_r, fmap_g)
-            loss_adv = generator_loss(fake)[0]
-            total = loss_adv + loss_fm + loss_mel + loss_kl
-            return total, {"loss_g": total, "mel": loss_mel, "kl": loss_kl, "fm": loss_fm, "adv": loss_adv}
+            total, parts, _ = self._generator_loss(d_params, o, stats, y_mask, wave, y_mel)
+            return total, parts
 
         (_, parts), cot = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)(o, stats)
         (grads_g,) = g_vjp(cot)
         upd, opt_g = self.tx_g.update(grads_g, state["opt_g"], state["g"])
         g_adapter = optax.apply_updates(state["g"], upd)
         step = state["step"] + 1
-        lr = c.lr * c.lr_decay ** (state["step"] // max(self.steps_per_epoch, 1))
-        metrics = dict(parts, loss_d=loss_d, lr=lr, grad_norm_g=optax.global_norm(grads_g))
+        metrics = dict(parts, loss_d=loss_d, lr=self.lr_g(state["step"]), grad_norm_g=optax.global_norm(grads_g))
         return {"g": g_adapter, "d": d_params, "opt_g": opt_g, "opt_d": opt_d, "step": step}, metrics
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         return self._step(state, self.put_batch(batch))
 
-    # ------------------------------------------------------------------ results
-    def adapter_pure(self, state: dict) -> dict:
-        return nnx.to_pure_dict(jax.device_get(state["g"]))
+    def _evaluate_fn(self, adapter, d_params, batch, key):
+        (o, stats), (y_mask, ids) = self._gen_forward(adapter, batch, key)
+        wave, y_mel = self._segments(batch, ids)
+        _, parts, tensors = self._generator_loss(d_params, o, stats, y_mask, wave, y_mel)
+        return parts, dict(tensors, wave=wave, ids=ids)
 
+    def evaluate(self, adapter, d_params, batch: dict, key: jax.Array) -> tuple[dict, dict]:
+        """The generator's losses on ``batch`` without an update: the train step's forward
+        with random draws from ``key`` and discriminator ``d_params`` (e.g. a state's
+        ``"g"`` and ``"d"``). Returns ``(losses, tensors)``: the step's loss terms and the
+        tensors they were computed from (generated/real segments ``y_hat``/``wave``, their
+        mels, the segments' start frames ``ids``, discriminator scores ``fake`` and feature
+        maps, the KL inputs)."""
+        return self._evaluate(adapter, d_params, self.put_batch(batch), key)
+
+    # ------------------------------------------------------------------ results
     def load_into_models(self, state: dict) -> None:
         """Write the trained adapter and D back into the NNX modules."""
         nnx.update(self.generator, jax.device_get(state["g"]))
@@ -272,18 +310,28 @@ class LoopResult:
     metrics: list[dict]
 
 
+@dataclasses.dataclass
+class Hooks:
+    """What :func:`train_loop` calls back, each with ``(state, step)``. ``state`` is live
+    only during the call: the next step donates its buffers, so copy what you keep."""
+
+    on_step: Callable[[dict, int], None] | None = None  # after every step
+    on_save: Callable[[dict, int], None] | None = None  # after every periodic checkpoint
+
+
 def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, save_every: int = 500,
                keep: int = 3, log_every: int = 10, resume: bool = False, progress: bool = True,
-               on_log: Callable[[dict], None] | None = None, on_save: Callable[[dict, int], None] | None = None,
-               stop_at: int | None = None, on_step: Callable[[dict, int], None] | None = None) -> LoopResult:
+               stop_at: int | None = None, hooks: Hooks | None = None) -> LoopResult:
     """Run (or resume) training to ``total_steps`` with checkpoints in ``run_dir/checkpoints``.
 
     ``batches`` is a :class:`rvclora_jax.data.Batches` (``len()`` batches per epoch,
     ``iterate(epoch, start)``). Metrics go to ``run_dir/metrics.jsonl``. SIGINT/SIGTERM
     (Ctrl-C) saves a checkpoint and returns with ``interrupted=True``. ``stop_at`` stops
-    early at that step without a final save (for tests of resumption). ``on_step(state, step)``
-    runs after every step (before the next one donates ``state``)."""
+    early at that step without a final save (for tests of resumption). ``hooks``: see
+    :class:`Hooks`."""
     from .data import prefetch
+
+    hooks = hooks or Hooks()
 
     os.makedirs(run_dir, exist_ok=True)
     ckpts = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=keep)
@@ -350,16 +398,14 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                             logged.append(rec)
                             if bar is not None:
                                 bar.set_postfix(mel=f"{m['mel']:.3f}", g=f"{m['loss_g']:.2f}", d=f"{m['loss_d']:.2f}")
-                            if on_log:
-                                on_log(rec)
                         if bar is not None:
                             bar.update(1)
                         if step % save_every == 0 and step < total_steps:
                             ckpts.save(state, meta_for(step))
-                            if on_save:
-                                on_save(state, step)
-                        if on_step:
-                            on_step(state, step)
+                            if hooks.on_save:
+                                hooks.on_save(state, step)
+                        if hooks.on_step:
+                            hooks.on_step(state, step)
                 finally:
                     feed.close()
                 if stop_at is not None and step >= stop_at:

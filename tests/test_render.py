@@ -12,6 +12,7 @@ from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_jax import render as R
+from rvclora_jax.cli.render import load_model
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, randomize_
 
@@ -61,7 +62,7 @@ def _read_wav(path):
 def _model_file(tmp_path_factory, name, *, f0, seed):
     path = str(tmp_path_factory.mktemp(name) / f"{name}.pth")
     net = _write_inference_pth(path, f0=f0, seed=seed)
-    model, _ = R._load_model(path, None, 1.0)
+    model, _ = load_model(path, None, 1.0)
     return path, net, model
 
 
@@ -261,11 +262,17 @@ def test_training_run_writes_samples_and_val_mel(tmp_path):
     rcfg = RunConfig(data_dir=example_dir(), run_dir=rd, lora=lora.LoRAConfig.from_preset("generator", rank=4),
                      train=TrainConfig(batch_size=2, segment_frames=8, lr=1e-3), steps=4, save_every=100,
                      log_every=1, progress=False, sample_every=2)
-    res = run(g, d, rcfg, metadata={"base": base}, log=lambda s: None)
-    assert res["step"] == 4 and len(res["val_items"]) == 1
-    assert len(res["batches"].items) == 7  # 8 example clips, 1 held out, not trained on
-    held = res["val_items"][0].wav
-    assert all(it.wav != held for it in res["batches"].items)
+    res = run(g, rcfg, discriminator=d, metadata={"base": base}, log=lambda s: None)
+    assert res.step == 4 and len(res.val_items) == 1
+    assert len(res.batches.items) == 7  # 8 example clips, 1 held out, not trained on
+    held = res.val_items[0].wav
+    assert all(it.wav != held for it in res.batches.items)
+    # the trained adapter comes back in memory, equal to the one written to the run dir
+    disk = lora.load_adapter(rd)
+    mem, saved = lora.flatten(res.adapter.params), lora.flatten(disk.params)
+    assert mem.keys() == saved.keys() and all(np.array_equal(mem[k], saved[k]) for k in mem)
+    assert (res.adapter.config, res.adapter.base_fingerprint, res.adapter.directory) == (
+        disk.config, disk.base_fingerprint, rd)
     for s in (2, 4):
         for ext in ("wav", "png"):
             assert os.path.getsize(os.path.join(rd, "samples", f"step_{s:06d}.{ext}")) > 0
@@ -277,12 +284,12 @@ def test_training_run_writes_samples_and_val_mel(tmp_path):
     assert sum("mel" in r for r in recs) == 4
     plot_losses(os.path.join(rd, "metrics.jsonl"), str(tmp_path / "loss.png"))  # val records don't break it
     # the deterministic split: ≥4 clips → ≥1 held out, fewer → none
-    assert split_validation(res["batches"].items[:3], 0.1)[1] == []
-    assert split_validation(res["batches"].items, 0.1) == split_validation(res["batches"].items, 0.1)
+    assert split_validation(res.batches.items[:3], 0.1)[1] == []
+    assert split_validation(res.batches.items, 0.1) == split_validation(res.batches.items, 0.1)
 
     # `render RUN_DIR`: its base (metadata["base"]) + its adapter, merged; equals the final sample
     # (rendered by the live LoRA model during training) up to 16-bit rounding
-    held_item = res["val_items"][0]
+    held_item = res.val_items[0]
     out = tmp_path / "held.wav"
     assert _cli(["render", rd, "--features", held_item.feature, "--f0", held_item.pitchf, "--out", str(out),
                  "--noise-scale", "0"]) == 0

@@ -91,7 +91,7 @@ def load_leaves(path: str) -> list:
 
 
 def _train(argv):
-    from rvclora_jax.train import train_loop
+    from rvclora_jax.train import Hooks, train_loop
 
     run_dir, total, save_every = argv[0], int(argv[1]), int(argv[2])
     resume = "--resume" in argv
@@ -104,7 +104,7 @@ def _train(argv):
         print(f"SAVED {step}", flush=True)
 
     res = train_loop(trainer, batches, total_steps=total, run_dir=run_dir, save_every=save_every, keep=10,
-                     log_every=1, resume=resume, progress=False, on_save=on_save)
+                     log_every=1, resume=resume, progress=False, hooks=Hooks(on_save=on_save))
     if out:
         save_leaves(out, res.state)
     print(f"DONE {res.step} {res.interrupted}", flush=True)
