@@ -37,7 +37,7 @@ from flax import nnx
 
 from .pth import RVCFile, RVCFileError, load_rvc_file, to_flax
 from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
-from rvclora_jax import families, lora
+from rvclora_jax import adapters, families, lora
 from rvclora_jax.families import ModelSpec
 from rvclora_jax.fileio import atomic_write
 from rvclora_jax.models.synthesizer import SynthConfig
@@ -185,18 +185,18 @@ def load_source(path: str) -> Source:
     return source_from_file(path)
 
 
-def merge_adapter(src: Source, adapter: Any, scale: float = 1.0) -> tuple[dict, lora.Adapter]:
+def merge_adapter(src: Source, adapter: Any, scale: float = 1.0) -> tuple[dict, adapters.Adapter]:
     """Base params + adapter → merged params (pure), after checking the adapter fits.
 
     ``adapter`` is an adapter directory (or its ``adapter.safetensors``), or an adapter
     already in memory: any object with ``.params``, ``.config``, ``.base_fingerprint``
-    and ``.directory`` (:class:`rvclora_jax.lora.Adapter`)."""
+    and ``.directory`` (:class:`rvclora_jax.adapters.Adapter`)."""
     if src.kind != "generator":
         raise ValueError(f"{src.path}: adapters apply to generators, this is a {src.kind}")
-    ad = lora.load_adapter(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else adapter
-    lora.check_adapter_fits(src.model, ad, source=src.path)
-    lora.check_fingerprint(ad, src.params, source=src.path)
-    merged = lora.merge(src.params, ad.params, ad.config, scale=scale)
+    ad = adapters.load_adapter(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else adapter
+    adapters.check_adapter_fits(src.model, ad, source=src.path)
+    adapters.check_fingerprint(ad, src.params, source=src.path)
+    merged = lora.merge(src.params, ad.params, ad.config, scale=scale, kinds=ad.kinds)
     for k, v in flatten(merged).items():
         if not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{ad.directory}: merging gives non-finite values in {k.replace('/', '.')}")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import lora
+from . import adapters, lora
 from .models import synthesizer as S
 
 
@@ -68,7 +68,8 @@ def run_example(out_dir: str, *, version: str = "v2", sr: int | str = 40000, pre
 
     adapter = nnx.to_pure_dict(nnx.state(model, lora.LoRAParam))
     scalings = {p: layer.lora_scaling for p, layer in lora.iter_lora_layers(model) if layer.has_lora}
-    merged = lora.merge(base, adapter, scalings)
+    kinds = {p: k for p, k in lora.layer_kinds(model).items() if p in scalings}
+    merged = lora.merge(base, adapter, scalings, kinds=kinds)
     plain = S.Synthesizer(cfg, version, True, rngs=nnx.Rngs(seed), with_enc_q=False)
     from .params import load_params
     load_params(plain, merged)
@@ -79,8 +80,8 @@ def run_example(out_dir: str, *, version: str = "v2", sr: int | str = 40000, pre
 
     os.makedirs(out_dir, exist_ok=True)
     adir = os.path.join(out_dir, "adapter")
-    lora.save_adapter(adir, adapter, config, base_fingerprint=lora.fingerprint(base),
-                      metadata={"version": version, "sr": cfg.sr, "f0": True, "example": True})
+    adapters.save_adapter(adir, adapter, config, kinds=kinds, base_fingerprint=adapters.fingerprint(base),
+                          metadata={"version": version, "sr": cfg.sr, "f0": True, "example": True})
     size = sum(os.path.getsize(os.path.join(adir, f)) for f in os.listdir(adir))
     log(f"adapter written to {adir} ({size / 1e6:.2f} MB)")
     return ExampleResult(summary, adir, diff, float(np.abs(adapted).max()), time.time() - t0)

@@ -462,18 +462,3 @@ def summarize(model: nnx.Module) -> Summary:
     total = sum(_size(x) for x in leaves)
     trainable = sum(_size(x) for x in jax.tree.leaves(adapter_state(model)))
     return Summary(rows, total, trainable, sum(r.base_params for r in rows))
-
-
-# compatibility: removed at merge. The adapter files moved to rvclora_jax.adapters; the
-# other helpers' code still calls them as lora.<name> until the lead fixes the imports.
-_MOVED_TO_ADAPTERS = ("Adapter", "save_adapter", "load_adapter", "apply_adapter", "check_adapter_fits",
-                      "check_fingerprint", "fingerprint", "resolve_adapter_path", "ADAPTER_WEIGHTS",
-                      "ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION")
-
-
-def __getattr__(name: str):  # compatibility: removed at merge
-    if name in _MOVED_TO_ADAPTERS:
-        from .adapters import files
-
-        return getattr(files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

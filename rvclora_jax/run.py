@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from . import data as data_mod
-from . import lora
+from . import adapters, lora
 from .audio import MelConfig
 from .families.rvc import RVC
 from .losses import C_MEL
@@ -209,7 +209,7 @@ class RunResult:
     interrupted: bool
     metrics: list[dict]
     summary: lora.Summary
-    adapter: lora.Adapter
+    adapter: adapters.Adapter
     loss_png: str
     batches: data_mod.Batches
     trainer: Trainer
@@ -236,7 +236,7 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
     (the CLI records the base file there, which ``rvclora render RUN_DIR`` reads)."""
     os.makedirs(cfg.run_dir, exist_ok=True)
     base = lora.partition(nnx.to_pure_dict(nnx.state(g, nnx.Param)))[1]
-    fp = lora.fingerprint(base)
+    fp = adapters.fingerprint(base)
     d = discriminator if discriminator is not None else RVC.discriminator(g.version, nnx.Rngs(cfg.train.seed + 1))
     if not any(layer.has_lora for _, layer in lora.iter_lora_layers(g)):
         lora.inject(g, cfg.lora, rngs=nnx.Rngs(cfg.train.seed))
@@ -281,8 +281,10 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
     meta = {"version": g.version, "sr": g.config.sr, "f0": g.f0, "steps": res.step,
             "data": os.path.abspath(cfg.data_dir), "train": dataclasses.asdict(cfg.train)}
     meta.update(metadata or {})
-    lora.save_adapter(cfg.run_dir, params, cfg.lora, base_fingerprint=fp, metadata=meta)
-    adapter = lora.Adapter(params, cfg.lora, fp, meta, cfg.run_dir)
+    kinds = lora.layer_kinds(g)
+    kinds = {p: kinds[p] for p in lora.adapter_layers(params)}
+    adapters.save_adapter(cfg.run_dir, params, cfg.lora, kinds=kinds, base_fingerprint=fp, metadata=meta)
+    adapter = adapters.Adapter(params, cfg.lora, fp, meta, cfg.run_dir, kinds=kinds)
     png = os.path.join(cfg.run_dir, "loss.png")
     if os.path.exists(metrics):
         plot_losses(metrics, png)

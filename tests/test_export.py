@@ -13,7 +13,7 @@ from rvc.lib.infer_pack import models as rvc_models
 from rvc.lib.train import utils as rvc_train_utils
 
 from rvclora_convert import export as E
-from rvclora_jax import lora
+from rvclora_jax import adapters, lora
 from rvclora_jax.cli import main
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.train import TrainConfig
@@ -123,7 +123,7 @@ def _adapter_for(src: E.Source, out_dir, preset="generator+prior", seed=1):
             key, k = jax.random.split(key)
             layer.lora_b[...] = 0.05 * jax.random.normal(k, layer.lora_b.shape)
     adapter = nnx.to_pure_dict(nnx.state(model, lora.LoRAParam))
-    lora.save_adapter(str(out_dir), adapter, cfg, base_fingerprint=lora.fingerprint(src.params))
+    adapters.save_adapter(str(out_dir), adapter, cfg, base_fingerprint=adapters.fingerprint(src.params))
     return model
 
 
@@ -200,7 +200,7 @@ def test_export_merges_an_adapter_object_like_its_directory(tmp_path):
     src = E.load_source(src_path)
     _adapter_for(src, tmp_path / "adapter")
     from_dir = E.export(src, str(tmp_path / "a.pth"), adapter=str(tmp_path / "adapter"), info="x")
-    ad = lora.load_adapter(str(tmp_path / "adapter"))
+    ad = adapters.load_adapter(str(tmp_path / "adapter"))
     # duck-typed: what `rvclora train` holds after training, never written to disk
     in_memory = types.SimpleNamespace(params=ad.params, config=ad.config, base_fingerprint=ad.base_fingerprint,
                                       directory="(trained in memory)")

@@ -268,7 +268,7 @@ def test_training_run_writes_samples_and_val_mel(tmp_path):
     held = res.val_items[0].wav
     assert all(it.wav != held for it in res.batches.items)
     # the trained adapter comes back in memory, equal to the one written to the run dir
-    disk = lora.load_adapter(rd)
+    disk = adapters.load_adapter(rd)
     mem, saved = lora.flatten(res.adapter.params), lora.flatten(disk.params)
     assert mem.keys() == saved.keys() and all(np.array_equal(mem[k], saved[k]) for k in mem)
     assert (res.adapter.config, res.adapter.base_fingerprint, res.adapter.directory) == (

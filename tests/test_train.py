@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rvclora_jax import lora
+from rvclora_jax import adapters, lora
 from rvclora_jax.layers import LoRAParam
 from rvclora_jax.train import Checkpoints, Hooks, train_loop
 
@@ -279,7 +279,7 @@ def test_export_is_base_plus_exact_adapter_delta(trained, tmp_path):
     for k, v in _base_params(trainer.generator).items():
         assert np.array_equal(np.asarray(flat_base[k]), v), k
     ad_dir = str(tmp_path / "adapter")
-    lora.save_adapter(ad_dir, adapter, lcfg, base_fingerprint=lora.fingerprint(base_params))
+    adapters.save_adapter(ad_dir, adapter, lcfg, base_fingerprint=adapters.fingerprint(base_params))
     sd = flax_to_torch(base_model, base_params, style="legacy")
     wn = {k[: -len(LEGACY_G) - 1]: (sd[k], sd[k[: -len(LEGACY_G)] + "weight_v"]) for k in sd
           if k.endswith("." + LEGACY_G)}

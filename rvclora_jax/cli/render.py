@@ -25,7 +25,7 @@ def load_model(path: str, adapter: str | None, scale: float):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file or folder")
-    cfg_path = os.path.join(path, lora.ADAPTER_CONFIG) if os.path.isdir(path) else None
+    cfg_path = os.path.join(path, adapters.ADAPTER_CONFIG) if os.path.isdir(path) else None
     if cfg_path and os.path.exists(cfg_path):
         if adapter is not None:
             raise ValueError(f"{path}: is a training run (an adapter directory); it brings its own adapter, "

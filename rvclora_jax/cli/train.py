@@ -83,9 +83,8 @@ def _cmd_train(args) -> int:
         print(f"interrupted at step {res.step}: checkpoint saved; continue with --resume")
         return 130
     out_pth = os.path.join(args.out, "model.pth")
-    # TODO(merge): pass adapter=res.adapter (the in-memory lora.Adapter) once export accepts
-    # adapter objects (helper H3); until then export re-reads the adapter run() just wrote.
-    rep = export(src, out_pth, adapter=res.adapter.directory, layout="inference",
+    # The trained adapter is merged in memory into the base read once above.
+    rep = export(src, out_pth, adapter=res.adapter, layout="inference",
                  info=f"rvclora-jax LoRA r{args.rank} {args.targets}, {res.step} steps")
     print(f"done in {time.time() - t0:.0f} s. outputs in {os.path.abspath(args.out)}:")
     print(f"  adapter.safetensors + adapter_config.json   the adapter ({res.summary.trainable_params:,} params)")
