@@ -48,17 +48,20 @@ def _block(key: jax.Array, index: int, scale: jax.Array, *, dist: Distribution, 
     return z * scale
 
 
+def _count(n: int, size: int) -> int:
+    return max(1, -(-n // size))  # at least one block, so empty shapes cut cleanly too
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "dist", "size", "dtype"))
 def _traced_draw(key: jax.Array, scale: jax.Array, *, shape: tuple[int, ...], dist: Distribution,
                  size: int, dtype) -> jax.Array:
-    # One equation in the caller's trace, however many blocks: flax's Rngs bookkeeping
-    # walks the whole trace on every rngs.params() under nnx.eval_shape, so a long trace
-    # makes abstract model building quadratic.
-    # lax.map, not a Python loop: one copy of the threefry program per parameter in the
-    # compiled graph rather than one per block, so building under nnx.jit compiles sooner.
+    # A jit, so this is one equation in the caller's trace however many blocks it draws
+    # (flax's Rngs bookkeeping under nnx.eval_shape slows down with the trace's length),
+    # and lax.map rather than a Python loop, so a model built under nnx.jit compiles one
+    # threefry program per parameter, not one per block.
     n = math.prod(shape)
     blocks = jax.lax.map(lambda i: _block(key, i, scale, dist=dist, size=size, dtype=dtype),
-                         jnp.arange(-(-n // size)))
+                         jnp.arange(_count(n, size)))
     return blocks.reshape(-1)[:n].reshape(shape)
 
 
@@ -68,12 +71,13 @@ def _draw(key: jax.Array, shape: Sequence[int], dtype, dist: Distribution, scale
     dtype = jnp.dtype(dtype)
     n = math.prod(shape)
     size = _SMALL_BLOCK if dist == "uniform" and n <= _SMALL_BLOCK else _BLOCK
-    scale = jnp.asarray(scale, dtype)
-    if isinstance(key, jax.core.Tracer):  # nnx.eval_shape / nnx.jit: the same blocks, traced
+    scale = jnp.asarray(scale, dtype)  # a tracer whenever a trace is active, even for a concrete key
+    if isinstance(key, jax.core.Tracer) or isinstance(scale, jax.core.Tracer):
+        # nnx.eval_shape / nnx.jit: the same blocks, traced
         return _traced_draw(key, scale, shape=shape, dist=dist, size=size, dtype=dtype)
     # Eagerly: one dispatch of the compiled block program per block, cut on the host
     # (which compiles nothing per shape).
-    blocks = [np.asarray(_block(key, i, scale, dist=dist, size=size, dtype=dtype)) for i in range(-(-n // size))]
+    blocks = [np.asarray(_block(key, i, scale, dist=dist, size=size, dtype=dtype)) for i in range(_count(n, size))]
     flat = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     return jnp.asarray(flat[:n].reshape(shape), dtype)
 
@@ -82,7 +86,8 @@ def _fans(shape: Sequence[int], in_axis: int, out_axis: int) -> tuple[int, int]:
     """torch's ``_calculate_fan_in_and_fan_out`` for a kernel with the given axes."""
     if len(shape) < 2:
         raise ValueError(f"fan-in needs a kernel of rank >= 2, got shape {tuple(shape)}")
-    receptive = math.prod(shape) // (shape[in_axis] * shape[out_axis])
+    channel_axes = {in_axis % len(shape), out_axis % len(shape)}
+    receptive = math.prod(d for i, d in enumerate(shape) if i not in channel_axes)
     return shape[in_axis] * receptive, shape[out_axis] * receptive
 
 
@@ -108,7 +113,7 @@ def fan_in_uniform(in_axis: int = -2, out_axis: int = -1) -> Initializer:
     computes its fan-in from weight ``[in, out, K]`` as ``out·K``."""
     def init(key, shape, dtype=jnp.float32):
         fan_in, _ = _fans(shape, in_axis, out_axis)
-        return _draw(key, shape, dtype, "uniform", 1.0 / math.sqrt(fan_in))
+        return _draw(key, shape, dtype, "uniform", 1.0 / math.sqrt(max(fan_in, 1)))  # 0: an empty kernel
     return init
 
 
@@ -116,7 +121,7 @@ def xavier_uniform(in_axis: int = -2, out_axis: int = -1) -> Initializer:
     """U(±√(6/(fan_in+fan_out))): torch's ``xavier_uniform_`` (RVC's attention q/k/v)."""
     def init(key, shape, dtype=jnp.float32):
         fan_in, fan_out = _fans(shape, in_axis, out_axis)
-        return _draw(key, shape, dtype, "uniform", math.sqrt(6.0 / (fan_in + fan_out)))
+        return _draw(key, shape, dtype, "uniform", math.sqrt(6.0 / max(fan_in + fan_out, 1)))
     return init
 
 

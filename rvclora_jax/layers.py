@@ -186,7 +186,9 @@ class Dense(_Adaptable):
     """``torch.nn.Linear``: ``y = x @ kernel + bias`` on the last axis.
 
     ``dtype`` is the compute dtype (``None``: promote the input and the params, as flax
-    does); parameters are stored in ``param_dtype``."""
+    does); parameters are stored in ``param_dtype``. ``kernel_init``/``bias_init`` are jax
+    initialisers ``(key, shape, dtype)``; the defaults are torch's, and ``bias_init=None``
+    means torch's U(±1/sqrt(fan_in)), which depends on the kernel's fan-in."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
@@ -272,7 +274,9 @@ grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 class Conv1d(_Adaptable):
-    """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs."""
+    """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs.
+
+    ``dtype``, ``param_dtype``, ``kernel_init`` and ``bias_init`` as in :class:`Dense`."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: Padding = 0, dilation: int = 1, groups: int = 1,
@@ -327,7 +331,9 @@ class ConvTranspose1d(_Adaptable):
 
     Output length ``(L-1)·stride - 2·padding + dilation·(K-1) + output_padding + 1``.
     Implemented as a stride-1 convolution of the stride-dilated input with the
-    spatially flipped kernel, which is exactly torch's definition."""
+    spatially flipped kernel, which is exactly torch's definition. ``dtype``,
+    ``param_dtype``, ``kernel_init`` and ``bias_init`` as in :class:`Dense` (torch's default
+    fan-in of a transposed conv is ``out·K``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: int = 0, output_padding: int = 0, dilation: int = 1,

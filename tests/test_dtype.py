@@ -280,6 +280,9 @@ def test_initialisers_are_deterministic_and_traceable():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     jitted = jax.jit(lambda k: init(k, (3, 7, 5), F32))(key)  # the traced path gives the same numbers
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(a))
+    closed = jax.jit(lambda: init(key, (3, 7, 5), F32))()  # a concrete key inside a trace
+    np.testing.assert_array_equal(np.asarray(closed), np.asarray(a))
+    assert init(key, (0, 4, 2), F32).shape == (0, 4, 2)
     big = initializers.normal(1.0)(key, (70_000,), F32)  # spans two blocks
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda k: initializers.normal(1.0)(k, (70_000,), F32))(key)),
                                   np.asarray(big))
