@@ -190,6 +190,15 @@ def test_eval_shape_of_the_full_model():
     assert shapes(tiny) == shapes(concrete)
 
 
+def test_enc_q_does_not_change_the_other_weights():
+    """enc_q draws from its own fork, so an inference build has the training build's weights."""
+    full = nnx.to_pure_dict(nnx.state(S.Synthesizer(TINY, "v2", True, rngs=nnx.Rngs(5))))
+    inference = nnx.to_pure_dict(nnx.state(S.Synthesizer(TINY, "v2", True, rngs=nnx.Rngs(5), with_enc_q=False)))
+    del full["enc_q"]
+    assert jax.tree.structure(full) == jax.tree.structure(inference)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(inference)))
+
+
 # --------------------------------------------------------------------------------------
 # layers: compute dtype eagerly and under nnx.jit, LoRA branch included
 # --------------------------------------------------------------------------------------

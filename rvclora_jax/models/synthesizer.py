@@ -206,10 +206,11 @@ class Synthesizer(nnx.Module):
         self.dtype, self.param_dtype = dtype, param_dtype
         self.feature_dim = 256 if version == "v1" else 768
         dt = dict(dtype=dtype, param_dtype=param_dtype)
-        # Each submodule draws from its own fork of rngs: under nnx.eval_shape every
-        # rngs.params() costs time proportional to the number of draws already taken
-        # from that Rngs (flax formats the trace of its counter), so one shared stream
-        # for ~200 layers makes abstract builds quadratic.
+        # Each submodule draws from its own fork of rngs. Under nnx.eval_shape every
+        # rngs.params() costs time proportional to the draws already taken from that Rngs
+        # (flax probes the traced counter's .sharding, and jax's error message prints the
+        # counter's whole history), so one stream for ~200 layers is quadratic: 6-7 s
+        # for the v2 synthesizer instead of ~1.5 s.
         self.enc_p = TextEncoder(self.feature_dim, c.inter_channels, c.hidden_channels, c.filter_channels,
                                  c.n_heads, c.n_layers, c.kernel_size, c.p_dropout, f0=self.f0, **dt,
                                  rngs=rngs.fork())
