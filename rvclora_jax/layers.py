@@ -63,9 +63,13 @@ from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+from flax.nnx.nn.dtypes import promote_dtype
+from flax.nnx.nn.initializers import Initializer
+from flax.typing import Dtype
 from jax import lax
+
+from . import initializers
 
 # Adapter weights get their own variable type so `nnx.state(model, LoRAParam)` is the
 # whole trainable subtree. We reuse flax's class: it subclasses nnx.Param, so filters
@@ -79,15 +83,29 @@ _DN = ("NWC", "WIO", "NWC")
 _EXACT = lax.Precision.HIGHEST
 
 
-def _uniform(key: jax.Array, shape: Sequence[int], bound: float, dtype) -> jax.Array:
-    """U(-bound, bound), drawn with numpy from a seed taken off the JAX key.
+# torch's default init of Linear/Conv1d weights, U(±1/sqrt(fan_in)) (kaiming_uniform(a=√5));
+# the bias default (``bias_init=None``) is U(±1/sqrt(fan_in)) of the same fan-in.
+default_kernel_init = initializers.fan_in_uniform()
+# torch computes a ConvTranspose1d weight's fan-in as out·K (its dim 1 is the output).
+default_transpose_kernel_init = initializers.fan_in_uniform(in_axis=-1, out_axis=-2)
+default_embed_init = initializers.normal(1.0)  # torch.nn.Embedding: N(0, 1)
 
-    Deterministic per key like ``jax.random.uniform``, but it does not compile one XLA
-    kernel per distinct shape: building a full RVC model eagerly drops from ~20 s to
-    well under a second of initialisation."""
-    seed = np.asarray(jax.random.key_data(key)).astype(np.uint64)
-    rng = np.random.default_rng([int(x) for x in seed.ravel()])
-    return jnp.asarray(rng.uniform(-bound, bound, tuple(shape)), dtype)
+
+# One Rngs draw per layer, split in one compiled call: each rngs.params() costs ~0.5 ms
+# eagerly, and under nnx.eval_shape its cost grows with the length of the trace.
+_split2 = jax.jit(lambda key: tuple(jax.random.split(key)))
+
+
+def _params(kernel_init: Initializer, bias_init: Initializer | None, kernel_shape: tuple[int, ...],
+            fan_in: int, use_bias: bool, param_dtype, rngs: nnx.Rngs):
+    """``(kernel, bias)`` Params; ``bias_init=None`` is torch's U(±1/sqrt(fan_in))."""
+    kernel_key, bias_key = _split2(rngs.params())
+    kernel = nnx.Param(kernel_init(kernel_key, kernel_shape, param_dtype))
+    if not use_bias:
+        return kernel, nnx.data(None)
+    if bias_init is None:
+        bias_init = initializers.uniform(1.0 / math.sqrt(fan_in))
+    return kernel, nnx.Param(bias_init(bias_key, (kernel_shape[-1],), param_dtype))
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -289,7 +307,7 @@ class Adaptable(nnx.Module):
         pdt = self.kernel[...].dtype
         if init == "kaiming":
             # PEFT's default: kaiming_uniform(a=sqrt(5)) == U(±1/sqrt(fan_in)).
-            a = _uniform(key, a_shape, 1.0 / math.sqrt(fan_in), pdt)
+            a = initializers.uniform(1.0 / math.sqrt(fan_in))(key, a_shape, pdt)
         elif init == "gaussian":
             a = jax.random.normal(key, a_shape, pdt) / rank
         else:
@@ -318,16 +336,22 @@ class Adaptable(nnx.Module):
 
 @register_layer_kind("Dense", "ir,ro->io")
 class Dense(Adaptable):
-    """``torch.nn.Linear``: ``y = x @ kernel + bias`` on the last axis."""
+    """``torch.nn.Linear``: ``y = x @ kernel + bias`` on the last axis.
+
+    ``dtype`` is the compute dtype (``None``: promote the input and the params, as flax
+    does); parameters are stored in ``param_dtype``. ``kernel_init``/``bias_init`` are jax
+    initialisers ``(key, shape, dtype)``; the defaults are torch's, and ``bias_init=None``
+    means torch's U(±1/sqrt(fan_in)), which depends on the kernel's fan-in."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, bias_init: Initializer | None = None,
+                 rngs: nnx.Rngs):
         self.in_features, self.out_features = in_features, out_features
+        self.dtype, self.param_dtype = dtype, param_dtype
         self.weight_norm = False
-        kk, bk = jax.random.split(rngs.params())
-        bound = 1.0 / math.sqrt(in_features)  # torch's default init
-        self.kernel = nnx.Param(_uniform(kk, (in_features, out_features), bound, param_dtype))
-        self.bias = nnx.Param(_uniform(bk, (out_features,), bound, param_dtype)) if use_bias else nnx.data(None)
+        self.kernel, self.bias = _params(kernel_init, bias_init, (in_features, out_features), in_features,
+                                         use_bias, param_dtype, rngs)
         self._init_adapter_slots()
 
     def from_torch(self, w):
@@ -337,13 +361,16 @@ class Dense(Adaptable):
         return kernel.T
 
     def _lora_branch(self, x):
-        h = self._adapter_input(x) @ self.lora_a[...]
-        return (h @ self.lora_b[...]) * self.lora_scaling
+        x, a, b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        h = self._adapter_input(x) @ a
+        return (h @ b) * self.lora_scaling
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
-        if self.bias is not None:
-            y = y + self.bias[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+        y = x @ kernel
+        if bias is not None:
+            y = y + bias
         if self.has_lora:
             y = y + self._lora_branch(x)
         return y
@@ -404,25 +431,27 @@ grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
 
 @register_layer_kind("Conv1d", "kir,ro->kio")
 class Conv1d(Adaptable):
-    """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs."""
+    """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs.
+
+    ``dtype``, ``param_dtype``, ``kernel_init`` and ``bias_init`` as in :class:`Dense`."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: Padding = 0, dilation: int = 1, groups: int = 1,
                  use_bias: bool = True, weight_norm: bool = False, torch_kx1: bool = False,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 kernel_init: Initializer = default_kernel_init, bias_init: Initializer | None = None,
+                 rngs: nnx.Rngs):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.dtype, self.param_dtype = dtype, param_dtype
         self.kernel_size, self.stride, self.dilation, self.groups = kernel_size, stride, dilation, groups
         # Metadata for the converters only: the torch layer is weight-normed, and/or is a
         # Conv2d with a (K, 1) kernel (RVC's DiscriminatorP) that we run as a Conv1d.
         self.weight_norm, self.torch_kx1 = weight_norm, torch_kx1
         self.padding = _conv_padding(padding, kernel_size, stride, dilation)
-        fan_in = in_channels // groups * kernel_size
-        kk, bk = jax.random.split(rngs.params())
-        bound = 1.0 / math.sqrt(fan_in)
-        self.kernel = nnx.Param(_uniform(kk, (kernel_size, in_channels // groups, out_channels), bound, param_dtype))
-        self.bias = nnx.Param(_uniform(bk, (out_channels,), bound, param_dtype)) if use_bias else nnx.data(None)
+        self.kernel, self.bias = _params(kernel_init, bias_init, (kernel_size, in_channels // groups, out_channels),
+                                         in_channels // groups * kernel_size, use_bias, param_dtype, rngs)
         self._init_adapter_slots()
 
     def _conv(self, x, kernel, groups=1):
@@ -446,13 +475,16 @@ class Conv1d(Adaptable):
         return w[..., None] if self.torch_kx1 else w
 
     def _lora_branch(self, x):
-        h = self._conv(self._adapter_input(x), self.lora_a[...])
-        return (h @ self.lora_b[...]) * self.lora_scaling
+        x, a, b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        h = self._conv(self._adapter_input(x), a)
+        return (h @ b) * self.lora_scaling
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self._conv(x, self.kernel[...], self.groups)
-        if self.bias is not None:
-            y = y + self.bias[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+        y = self._conv(x, kernel, self.groups)
+        if bias is not None:
+            y = y + bias
         if self.has_lora:
             y = y + self._lora_branch(x)
         return y
@@ -464,26 +496,29 @@ class ConvTranspose1d(Adaptable):
 
     Output length ``(L-1)·stride - 2·padding + dilation·(K-1) + output_padding + 1``.
     Implemented as a stride-1 convolution of the stride-dilated input with the
-    spatially flipped kernel, which is exactly torch's definition."""
+    spatially flipped kernel, which is exactly torch's definition. ``dtype``,
+    ``param_dtype``, ``kernel_init`` and ``bias_init`` as in :class:`Dense` (torch's default
+    fan-in of a transposed conv is ``out·K``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  stride: int = 1, padding: int = 0, output_padding: int = 0, dilation: int = 1,
-                 use_bias: bool = True, weight_norm: bool = False, rngs: nnx.Rngs,
-                 param_dtype=jnp.float32):
+                 use_bias: bool = True, weight_norm: bool = False,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32,
+                 kernel_init: Initializer = default_transpose_kernel_init,
+                 bias_init: Initializer | None = None, rngs: nnx.Rngs):
         span = dilation * (kernel_size - 1)
         if padding > span:
             raise ValueError(f"padding {padding} > dilation*(kernel_size-1) = {span} is not supported")
         if output_padding >= max(stride, dilation):
             raise ValueError("output_padding must be smaller than stride or dilation (as in torch)")
         self.in_channels, self.out_channels = in_channels, out_channels
+        self.dtype, self.param_dtype = dtype, param_dtype
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.output_padding, self.dilation = output_padding, dilation
         self.weight_norm = weight_norm  # converter metadata (torch weight_g is per *input* channel)
-        # torch computes fan_in of a ConvTranspose weight [in, out, K] as out*K.
-        bound = 1.0 / math.sqrt(out_channels * kernel_size)
-        kk, bk = jax.random.split(rngs.params())
-        self.kernel = nnx.Param(_uniform(kk, (kernel_size, in_channels, out_channels), bound, param_dtype))
-        self.bias = nnx.Param(_uniform(bk, (out_channels,), bound, param_dtype)) if use_bias else nnx.data(None)
+        # torch computes fan_in of a ConvTranspose weight [in, out, K] as out*K (bias too).
+        self.kernel, self.bias = _params(kernel_init, bias_init, (kernel_size, in_channels, out_channels),
+                                         out_channels * kernel_size, use_bias, param_dtype, rngs)
         self._init_adapter_slots()
 
     def _conv_t(self, x, kernel):
@@ -525,13 +560,16 @@ class ConvTranspose1d(Adaptable):
         return kernel.transpose(1, 2, 0)
 
     def _lora_branch(self, x):
-        h = self._adapter_input(x) @ self.lora_a[...]
-        return self._conv_t(h, self.lora_b[...]) * self.lora_scaling
+        x, a, b = promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        h = self._adapter_input(x) @ a
+        return self._conv_t(h, b) * self.lora_scaling
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self._conv_t(x, self.kernel[...])
-        if self.bias is not None:
-            y = y + self.bias[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
+        y = self._conv_t(x, kernel)
+        if bias is not None:
+            y = y + bias
         if self.has_lora:
             y = y + self._lora_branch(x)
         return y
@@ -545,11 +583,12 @@ class Embed(nnx.Module):
     speaker embedding ``emb_g``: the table is tiny (109×256), only the rows of the
     speakers seen in training get gradients, and merging is an exact addition."""
 
-    def __init__(self, num_embeddings: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, num_embeddings: int, features: int, *, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, embedding_init: Initializer = default_embed_init,
+                 rngs: nnx.Rngs):
         self.num_embeddings, self.features = num_embeddings, features
-        seed = np.asarray(jax.random.key_data(rngs.params())).astype(np.uint64)
-        table = np.random.default_rng([int(x) for x in seed.ravel()]).standard_normal((num_embeddings, features))
-        self.embedding = nnx.Param(jnp.asarray(table, param_dtype))  # torch: N(0, 1)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        self.embedding = nnx.Param(embedding_init(rngs.params(), (num_embeddings, features), param_dtype))
         self.lora_delta = nnx.data(None)
 
     @property
@@ -576,4 +615,5 @@ class Embed(nnx.Module):
         table = self.embedding[...]
         if self.has_delta:
             table = table + self.lora_delta[...]
+        (table,) = promote_dtype((table,), dtype=self.dtype, inexact=False)  # delta added in param dtype
         return jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)

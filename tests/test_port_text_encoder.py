@@ -88,7 +88,7 @@ def test_multihead_attention_matches_rvc_unmasked():
     """One attention layer, no mask, longer than the window on both sides."""
     torch.manual_seed(2)
     tmha = rvc_attentions.MultiHeadAttention(HIDDEN, HIDDEN, HEADS, window_size=10).eval()
-    mha = _flax_like(MultiHeadAttention(HIDDEN, HIDDEN, HEADS, window_size=10, rngs=nnx.Rngs(0)), tmha)
+    mha = _flax_like(MultiHeadAttention(HIDDEN, HIDDEN, HEADS, rngs=nnx.Rngs(0)), tmha)  # window 10 is built in
     x = torch.randn(1, HIDDEN, 40)
     with torch.no_grad():
         want = _to_btc(tmha(x, x))

@@ -33,10 +33,10 @@ from typing import Literal, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype
 
 from rvclora_jax.layers import Conv1d
-
-LRELU_SLOPE = 0.1  # RVC's modules.LRELU_SLOPE (jax.nn.leaky_relu defaults to 0.01)
+from rvclora_jax.models.commons import leaky_relu
 
 V1_PERIODS: tuple[int, ...] = (2, 3, 5, 7, 11, 17)
 V2_PERIODS: tuple[int, ...] = (2, 3, 5, 7, 11, 17, 23, 37)
@@ -54,25 +54,22 @@ _S_CONVS = (
 _P_CHANNELS = (1, 32, 128, 512, 1024, 1024)
 
 
-def _lrelu(x: jax.Array) -> jax.Array:
-    return jax.nn.leaky_relu(x, negative_slope=LRELU_SLOPE)
-
-
 class DiscriminatorS(nnx.Module):
     """RVC ``DiscriminatorS`` on ``[B, N, 1]``. Returns ``(score [B, T'], fmaps)``,
     each fmap ``[B, T, C]`` (6 activations after leaky ReLU, then conv_post)."""
 
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        dt = dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, rngs=rngs)
         self.convs = nnx.List([
-            Conv1d(cin, cout, k, stride=s, groups=g, padding=p, weight_norm=True, rngs=rngs)
+            Conv1d(cin, cout, k, stride=s, groups=g, padding=p, **dt)
             for cin, cout, k, s, g, p in _S_CONVS
         ])
-        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1, weight_norm=True, rngs=rngs)
+        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1, **dt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         fmap = []
         for conv in self.convs:
-            x = _lrelu(conv(x))
+            x = leaky_relu(conv(x))  # RVC's slope 0.1
             fmap.append(x)
         x = self.conv_post(x)
         fmap.append(x)
@@ -84,18 +81,18 @@ class DiscriminatorP(nnx.Module):
 
     Returns ``(score [B, H'*p], fmaps)``, each fmap ``[B, H, p, C]``."""
 
-    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, *, rngs: nnx.Rngs):
+    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.period = int(period)
         pad = (kernel_size - 1) // 2  # RVC's get_padding(kernel_size, 1)
         n = len(_P_CHANNELS) - 1
+        dt = dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, torch_kx1=True, rngs=rngs)
         self.convs = nnx.List([
             Conv1d(_P_CHANNELS[i], _P_CHANNELS[i + 1], kernel_size,
-                   stride=stride if i < n - 1 else 1, padding=pad,
-                   weight_norm=True, torch_kx1=True, rngs=rngs)
+                   stride=stride if i < n - 1 else 1, padding=pad, **dt)
             for i in range(n)
         ])
-        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1,
-                                weight_norm=True, torch_kx1=True, rngs=rngs)
+        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1, **dt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         b, t, c = x.shape
@@ -113,7 +110,7 @@ class DiscriminatorP(nnx.Module):
 
         fmap = []
         for conv in self.convs:
-            x = _lrelu(conv(x))
+            x = leaky_relu(conv(x))  # RVC's slope 0.1
             fmap.append(unfold(x))
         x = unfold(self.conv_post(x))
         fmap.append(x)
@@ -126,10 +123,15 @@ class MultiPeriodDiscriminator(nnx.Module):
     ``periods=V1_PERIODS`` is RVC's ``MultiPeriodDiscriminator``; ``V2_PERIODS`` is
     ``MultiPeriodDiscriminatorV2``."""
 
-    def __init__(self, periods: Sequence[int] = V1_PERIODS, *, rngs: nnx.Rngs):
+    def __init__(self, periods: Sequence[int] = V1_PERIODS, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.periods = tuple(int(p) for p in periods)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        # One fork of rngs per sub-discriminator (keeps nnx.eval_shape linear; see Synthesizer).
         self.discriminators = nnx.List(
-            [DiscriminatorS(rngs=rngs)] + [DiscriminatorP(p, rngs=rngs) for p in self.periods])
+            [DiscriminatorS(**dt, rngs=rngs.fork())] + [DiscriminatorP(p, **dt, rngs=rngs.fork())
+                                                        for p in self.periods])
 
     def apply_one(self, y: jax.Array) -> tuple[list[jax.Array], list[list[jax.Array]]]:
         """Run every sub-discriminator on one batch ``y [B, N, 1]``.
@@ -150,9 +152,10 @@ class MultiPeriodDiscriminator(nnx.Module):
         return y_d_rs, y_d_gs, fmap_rs, fmap_gs
 
 
-def multi_period_discriminator(version: Literal["v1", "v2"], rngs: nnx.Rngs) -> MultiPeriodDiscriminator:
+def multi_period_discriminator(version: Literal["v1", "v2"], rngs: nnx.Rngs, *, dtype: Dtype | None = None,
+                               param_dtype: Dtype = jnp.float32) -> MultiPeriodDiscriminator:
     """The discriminator RVC trains with for model ``version`` ("v1" or "v2")."""
     periods = {"v1": V1_PERIODS, "v2": V2_PERIODS}.get(version)
     if periods is None:
         raise ValueError(f"unknown RVC version {version!r} (expected 'v1' or 'v2')")
-    return MultiPeriodDiscriminator(periods, rngs=rngs)
+    return MultiPeriodDiscriminator(periods, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -4,6 +4,10 @@ One class covers both: ``nsf=True`` adds the harmonic source (``m_source``) and 
 ``noise_convs`` that inject it after every upsampler, exactly as RVC's two classes
 differ. Inputs are ``z [B, T, C]`` (frames), ``f0 [B, T]`` in Hz and the speaker
 condition ``g [B, 1, gin]``; the output is ``[B, T·upp, 1]`` audio in [-1, 1].
+
+Every layer computes in ``dtype`` (None: inferred from inputs and params, as in flax)
+except the harmonic source, which always runs in :data:`SOURCE_DTYPE` (see
+:func:`sine_source`) and is cast to the compute dtype where it enters ``l_linear``.
 """
 
 from __future__ import annotations
@@ -14,11 +18,19 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype
 from jax import lax
 
 from ..layers import Conv1d, ConvTranspose1d, Dense
 from .commons import LRELU_SLOPE, leaky_relu
 from .modules import ResBlock1, ResBlock2
+
+# The harmonic source is computed in float32 whatever the model's compute dtype. In
+# bfloat16 (8 significant bits) f0 itself would be off by up to 0.4 % (~7 cents) and a
+# phase in [0, 2) cycles would be quantised to 1/128 cycle, i.e. a buzzing sine; the
+# scan in sine_source keeps ~1e-7 cycle over whole utterances only in float32. Its output
+# (a bounded excitation) is cast to the compute dtype where it enters l_linear.
+SOURCE_DTYPE = jnp.float32
 
 
 def sine_source(f0: jax.Array, upp: int, sr: int, noise: jax.Array, *, harmonic_num: int = 0,
@@ -33,19 +45,21 @@ def sine_source(f0: jax.Array, upp: int, sr: int, noise: jax.Array, *, harmonic_
     the phase stays in [0, 2) and float32 keeps ~1e-7 cycle accuracy on long inputs.
     ``noise`` is the standard-normal draw (``randn_like`` in RVC), same shape as the output.
     The initial random phase of RVC (``rand_ini``) is zero for the fundamental, and RVC
-    models only have the fundamental (``harmonic_num=0``).
+    models only have the fundamental (``harmonic_num=0``). Computed and returned in
+    :data:`SOURCE_DTYPE` (float32) regardless of the inputs' dtype: phase accuracy.
     """
-    f0 = jax.lax.stop_gradient(jnp.asarray(f0, jnp.float32))
+    f0 = jax.lax.stop_gradient(jnp.asarray(f0, SOURCE_DTYPE))
+    noise = jnp.asarray(noise, SOURCE_DTYPE)
     b, t = f0.shape
-    harmonics = jnp.arange(1, harmonic_num + 2, dtype=jnp.float32)
+    harmonics = jnp.arange(1, harmonic_num + 2, dtype=SOURCE_DTYPE)
     rad = (f0[..., None] * harmonics / sr) % 1.0  # [B, T, H] cycles per sample
     inc = (rad * upp) % 1.0  # whole-frame phase advance, mod 1
     offset = lax.associative_scan(lambda a, c: (a + c) % 1.0, inc, axis=1)
     offset = jnp.concatenate([jnp.zeros_like(offset[:, :1]), offset[:, :-1]], axis=1)  # exclusive
-    k = jnp.arange(1, upp + 1, dtype=jnp.float32)[None, None, :, None]
+    k = jnp.arange(1, upp + 1, dtype=SOURCE_DTYPE)[None, None, :, None]
     phase = offset[:, :, None, :] + k * rad[:, :, None, :]  # [B, T, upp, H]
     sine = sine_amp * jnp.sin(2.0 * jnp.pi * phase).reshape(b, t * upp, -1)
-    uv = jnp.repeat((f0 > voiced_threshold).astype(jnp.float32), upp, axis=1)[..., None]
+    uv = jnp.repeat((f0 > voiced_threshold).astype(SOURCE_DTYPE), upp, axis=1)[..., None]
     noise_amp = uv * noise_std + (1.0 - uv) * sine_amp / 3.0
     return jax.lax.stop_gradient(sine * uv + noise_amp * noise)
 
@@ -68,19 +82,23 @@ def noise_conv_geometry(upsample_rates: Sequence[int]) -> list[tuple[int, int, i
 
 
 class SourceModuleHnNSF(nnx.Module):
-    """Harmonic-plus-noise source: ``tanh(l_linear(SineGen(f0)))`` → ``[B, T·upp, 1]``."""
+    """Harmonic-plus-noise source: ``tanh(l_linear(SineGen(f0)))`` → ``[B, T·upp, 1]``.
+
+    The sines are float32 (:data:`SOURCE_DTYPE`); ``l_linear`` casts them to its compute
+    dtype (``dtype``, or with ``dtype=None`` the promotion of float32 and the params)."""
 
     def __init__(self, sampling_rate: int, harmonic_num: int = 0, sine_amp: float = 0.1,
-                 add_noise_std: float = 0.003, voiced_threshold: float = 0.0, *, rngs: nnx.Rngs):
+                 add_noise_std: float = 0.003, voiced_threshold: float = 0.0, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.sampling_rate, self.harmonic_num = int(sampling_rate), harmonic_num
         self.sine_amp, self.noise_std, self.voiced_threshold = sine_amp, add_noise_std, voiced_threshold
-        self.l_linear = Dense(harmonic_num + 1, 1, rngs=rngs)
+        self.l_linear = Dense(harmonic_num + 1, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, f0: jax.Array, upp: int, noise: jax.Array) -> jax.Array:
         sines = sine_source(f0, upp, self.sampling_rate, noise, harmonic_num=self.harmonic_num,
                             sine_amp=self.sine_amp, noise_std=self.noise_std,
                             voiced_threshold=self.voiced_threshold)
-        return jnp.tanh(self.l_linear(sines.astype(self.l_linear.kernel[...].dtype)))
+        return jnp.tanh(self.l_linear(sines))
 
 
 class Generator(nnx.Module):
@@ -89,31 +107,34 @@ class Generator(nnx.Module):
     def __init__(self, initial_channel: int, resblock: str, resblock_kernel_sizes: Sequence[int],
                  resblock_dilation_sizes: Sequence[Sequence[int]], upsample_rates: Sequence[int],
                  upsample_initial_channel: int, upsample_kernel_sizes: Sequence[int],
-                 gin_channels: int = 0, *, nsf: bool = False, sr: int | None = None, rngs: nnx.Rngs):
+                 gin_channels: int = 0, *, nsf: bool = False, sr: int | None = None,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.num_kernels = len(resblock_kernel_sizes)
         self.num_upsamples = len(upsample_rates)
         self.upp = math.prod(upsample_rates)
         self.nsf = nsf
+        self.dtype, self.param_dtype = dtype, param_dtype
+        dt = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         c0 = upsample_initial_channel
-        self.conv_pre = Conv1d(initial_channel, c0, 7, padding=3, rngs=rngs)
+        self.conv_pre = Conv1d(initial_channel, c0, 7, padding=3, **dt)
         self.ups = nnx.List([
             ConvTranspose1d(c0 // 2 ** i, c0 // 2 ** (i + 1), k, stride=u, padding=(k - u) // 2,
-                            weight_norm=True, rngs=rngs)
+                            weight_norm=True, **dt)
             for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes))])
         block = ResBlock1 if str(resblock) == "1" else ResBlock2
         self.resblocks = nnx.List([
-            block(c0 // 2 ** (i + 1), k, tuple(d), rngs=rngs)
+            block(c0 // 2 ** (i + 1), k, tuple(d), **dt)
             for i in range(self.num_upsamples)
             for k, d in zip(resblock_kernel_sizes, resblock_dilation_sizes)])
         ch = c0 // 2 ** self.num_upsamples
-        self.conv_post = Conv1d(ch, 1, 7, padding=3, use_bias=False, rngs=rngs)
-        self.cond = Conv1d(gin_channels, c0, 1, rngs=rngs) if gin_channels else nnx.data(None)
+        self.conv_post = Conv1d(ch, 1, 7, padding=3, use_bias=False, **dt)
+        self.cond = Conv1d(gin_channels, c0, 1, **dt) if gin_channels else nnx.data(None)
         if nsf:
             if sr is None:
                 raise ValueError("the NSF generator needs the sample rate")
-            self.m_source = SourceModuleHnNSF(sr, harmonic_num=0, rngs=rngs)
+            self.m_source = SourceModuleHnNSF(sr, harmonic_num=0, **dt)
             self.noise_convs = nnx.List([
-                Conv1d(1, c0 // 2 ** (i + 1), k, stride=s, padding=p, rngs=rngs)
+                Conv1d(1, c0 // 2 ** (i + 1), k, stride=s, padding=p, **dt)
                 for i, (k, s, p) in enumerate(noise_conv_geometry(upsample_rates))])
         else:
             self.m_source = nnx.data(None)
@@ -125,16 +146,17 @@ class Generator(nnx.Module):
         row's length before each convolution, so each row of a padded batch renders
         exactly as it would alone (RVC renders one utterance at a time). Without it a
         padded row's last samples see the padding, as in RVC's own batched ``infer``."""
+        def upsampled_mask(y):  # 0/1, so exact in y's dtype (a float32 mask would promote bf16 y)
+            return jnp.repeat(x_mask, y.shape[1] // x_mask.shape[1], axis=1).astype(y.dtype)
+
         def mask_at(y):
-            if x_mask is None:
-                return y
-            return y * jnp.repeat(x_mask, y.shape[1] // x_mask.shape[1], axis=1)
+            return y if x_mask is None else y * upsampled_mask(y)
 
         if self.nsf:
             if f0 is None:
                 raise ValueError("GeneratorNSF needs f0")
             if source_noise is None:  # deterministic: no noise in the excitation
-                source_noise = jnp.zeros((x.shape[0], x.shape[1] * self.upp, 1), jnp.float32)
+                source_noise = jnp.zeros((x.shape[0], x.shape[1] * self.upp, 1), SOURCE_DTYPE)
             har = mask_at(self.m_source(f0, self.upp, source_noise))  # [B, T*upp, 1]
         x = self.conv_pre(mask_at(x))
         if g is not None:
@@ -144,7 +166,7 @@ class Generator(nnx.Module):
             x = self.ups[i](x)
             if self.nsf:
                 x = x + self.noise_convs[i](har)
-            m = None if x_mask is None else jnp.repeat(x_mask, x.shape[1] // x_mask.shape[1], axis=1)
+            m = None if x_mask is None else upsampled_mask(x)
             xs = self.resblocks[i * self.num_kernels](x, m)
             for j in range(1, self.num_kernels):
                 xs = xs + self.resblocks[i * self.num_kernels + j](x, m)

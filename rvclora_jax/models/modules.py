@@ -1,7 +1,8 @@
 """WaveNet block, residual coupling layer and HiFi-GAN residual blocks (RVC ``modules.py``).
 
 All activations are ``[B, T, C]``; masks ``[B, T, 1]``; the speaker condition ``g`` is
-``[B, 1, gin]`` and broadcasts over time.
+``[B, 1, gin]`` and broadcasts over time. ``dtype``/``param_dtype`` are passed to every
+layer (flax's convention; ``dtype=None`` infers the compute dtype from inputs and params).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype
 
+from .. import initializers
 from ..layers import Conv1d
 from .commons import LRELU_SLOPE, leaky_relu
 
@@ -24,25 +27,26 @@ class WN(nnx.Module):
     """Non-causal WaveNet: gated dilated convs with residual/skip 1x1 convs."""
 
     def __init__(self, hidden_channels: int, kernel_size: int, dilation_rate: int, n_layers: int,
-                 gin_channels: int = 0, p_dropout: float = 0.0, *, rngs: nnx.Rngs):
+                 gin_channels: int = 0, p_dropout: float = 0.0, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         if kernel_size % 2 != 1:
             raise ValueError("WN kernel_size must be odd")
+        if p_dropout:
+            raise NotImplementedError("WN dropout is not ported (RVC uses p_dropout=0)")
         self.hidden_channels, self.n_layers = hidden_channels, n_layers
-        h = hidden_channels
-        self.cond_layer = (Conv1d(gin_channels, 2 * h * n_layers, 1, weight_norm=True, rngs=rngs)
-                           if gin_channels else nnx.data(None))
+        h, dt = hidden_channels, dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, rngs=rngs)
+        self.cond_layer = Conv1d(gin_channels, 2 * h * n_layers, 1, **dt) if gin_channels else nnx.data(None)
         self.in_layers = nnx.List([
             Conv1d(h, 2 * h, kernel_size, dilation=dilation_rate ** i,
-                   padding=_same_padding(kernel_size, dilation_rate ** i), weight_norm=True, rngs=rngs)
+                   padding=_same_padding(kernel_size, dilation_rate ** i), **dt)
             for i in range(n_layers)])
         # The last layer only feeds the skip output, so it has half the channels.
         self.res_skip_layers = nnx.List([
-            Conv1d(h, 2 * h if i < n_layers - 1 else h, 1, weight_norm=True, rngs=rngs)
-            for i in range(n_layers)])
+            Conv1d(h, 2 * h if i < n_layers - 1 else h, 1, **dt) for i in range(n_layers)])
 
     def __call__(self, x: jax.Array, x_mask: jax.Array, g: jax.Array | None = None) -> jax.Array:
         h = self.hidden_channels
-        output = jnp.zeros_like(x)
+        output = jnp.zeros_like(x)  # x's dtype: the skip sum accumulates in the compute dtype
         if g is not None:
             g = self.cond_layer(g)  # [B, 1, 2*h*n_layers]
         for i, (in_layer, res_skip) in enumerate(zip(self.in_layers, self.res_skip_layers)):
@@ -64,18 +68,18 @@ class ResidualCouplingLayer(nnx.Module):
 
     def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int,
                  n_layers: int, p_dropout: float = 0.0, gin_channels: int = 0, mean_only: bool = True,
-                 *, rngs: nnx.Rngs):
+                 *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         if channels % 2:
             raise ValueError("channels must be even")
         if not mean_only:
             raise NotImplementedError("RVC only uses mean_only coupling layers")
         self.half_channels = channels // 2
-        self.pre = Conv1d(self.half_channels, hidden_channels, 1, rngs=rngs)
-        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, rngs=rngs)
-        self.post = Conv1d(hidden_channels, self.half_channels, 1, rngs=rngs)
+        dt = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pre = Conv1d(self.half_channels, hidden_channels, 1, **dt)
+        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, p_dropout, **dt)
         # Zero-initialised like RVC, so a fresh flow is the identity.
-        self.post.kernel[...] = jnp.zeros_like(self.post.kernel[...])
-        self.post.bias[...] = jnp.zeros_like(self.post.bias[...])
+        self.post = Conv1d(hidden_channels, self.half_channels, 1, kernel_init=initializers.zeros,
+                           bias_init=initializers.zeros, **dt)
 
     def __call__(self, x, x_mask, g=None, reverse: bool = False):
         x0, x1 = x[..., :self.half_channels], x[..., self.half_channels:]
@@ -96,14 +100,15 @@ class Flip(nnx.Module):
 class ResBlock1(nnx.Module):
     """HiFi-GAN ResBlock1: three (dilated conv, conv) pairs with residuals."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: Sequence[int] = (1, 3, 5),
-                 *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: Sequence[int] = (1, 3, 5), *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        dt = dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, rngs=rngs)
         self.convs1 = nnx.List([
-            Conv1d(channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d),
-                   weight_norm=True, rngs=rngs) for d in dilation])
+            Conv1d(channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d), **dt)
+            for d in dilation])
         self.convs2 = nnx.List([
-            Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, 1),
-                   weight_norm=True, rngs=rngs) for _ in dilation])
+            Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, 1), **dt)
+            for _ in dilation])
 
     def __call__(self, x, x_mask=None):
         for c1, c2 in zip(self.convs1, self.convs2):
@@ -121,11 +126,12 @@ class ResBlock1(nnx.Module):
 class ResBlock2(nnx.Module):
     """HiFi-GAN ResBlock2: dilated convs with residuals (RVC keeps it but never uses it)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, dilation: Sequence[int] = (1, 3),
-                 *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, kernel_size: int = 3, dilation: Sequence[int] = (1, 3), *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.convs = nnx.List([
             Conv1d(channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d),
-                   weight_norm=True, rngs=rngs) for d in dilation[:2]])  # RVC uses the first two
+                   dtype=dtype, param_dtype=param_dtype, weight_norm=True, rngs=rngs)
+            for d in dilation[:2]])  # RVC uses the first two
 
     def __call__(self, x, x_mask=None):
         for c in self.convs:

@@ -8,6 +8,12 @@ Randomness is explicit: the training forward takes the posterior noise ``eps_q``
 slice starts ``ids_slice`` and the NSF ``source_noise``; ``infer`` takes the prior noise
 ``eps`` (scaled by ``noise_scale``, RVC's literal 0.66666 by default) and
 ``source_noise``. Missing noise arrays mean zeros, i.e. deterministic rendering.
+
+``dtype`` (compute) and ``param_dtype`` are passed down to every submodule (flax's
+convention): ``Synthesizer(..., dtype=jnp.bfloat16)`` computes in bfloat16 and keeps
+float32 parameters. Masks follow the activations' dtype, noise inputs are cast to it,
+and the NSF source stays float32 (``generator.SOURCE_DTYPE``). Losses, STFT and mel
+are not part of the model and stay float32.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype
 
 from ..layers import Conv1d, Embed
 from .commons import sequence_mask
@@ -112,19 +119,21 @@ class PosteriorEncoder(nnx.Module):
     """``enc_q``: linear spectrogram → posterior z (training only)."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, kernel_size: int,
-                 dilation_rate: int, n_layers: int, gin_channels: int = 0, *, rngs: nnx.Rngs):
+                 dilation_rate: int, n_layers: int, gin_channels: int = 0, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.out_channels = out_channels
-        self.pre = Conv1d(in_channels, hidden_channels, 1, rngs=rngs)
-        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, rngs=rngs)
-        self.proj = Conv1d(hidden_channels, 2 * out_channels, 1, rngs=rngs)
+        dt = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.pre = Conv1d(in_channels, hidden_channels, 1, **dt)
+        self.enc = WN(hidden_channels, kernel_size, dilation_rate, n_layers, gin_channels, **dt)
+        self.proj = Conv1d(hidden_channels, 2 * out_channels, 1, **dt)
 
     def __call__(self, spec, lengths, g=None, *, eps=None):
-        x_mask = sequence_mask(lengths, spec.shape[1])[..., None].astype(spec.dtype)
-        x = self.pre(spec) * x_mask
-        x = self.enc(x, x_mask, g)
+        x = self.pre(spec)
+        x_mask = sequence_mask(lengths, spec.shape[1])[..., None].astype(x.dtype)  # the compute dtype
+        x = self.enc(x * x_mask, x_mask, g)
         stats = self.proj(x) * x_mask
         m, logs = stats[..., :self.out_channels], stats[..., self.out_channels:]
-        z = m if eps is None else m + eps * jnp.exp(logs)
+        z = m if eps is None else m + jnp.asarray(eps, m.dtype) * jnp.exp(logs)
         return z * x_mask, m, logs, x_mask
 
 
@@ -132,11 +141,13 @@ class ResidualCouplingBlock(nnx.Module):
     """``flow``: [coupling, Flip] × n_flows; params live at even indices (0, 2, 4, 6)."""
 
     def __init__(self, channels: int, hidden_channels: int, kernel_size: int, dilation_rate: int,
-                 n_layers: int, n_flows: int = 4, gin_channels: int = 0, *, rngs: nnx.Rngs):
+                 n_layers: int, n_flows: int = 4, gin_channels: int = 0, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         flows = []
         for _ in range(n_flows):
             flows.append(ResidualCouplingLayer(channels, hidden_channels, kernel_size, dilation_rate,
-                                               n_layers, gin_channels=gin_channels, mean_only=True, rngs=rngs))
+                                               n_layers, gin_channels=gin_channels, mean_only=True,
+                                               dtype=dtype, param_dtype=param_dtype, rngs=rngs))
             flows.append(Flip())
         self.flows = nnx.List(flows)
 
@@ -167,24 +178,35 @@ class Synthesizer(nnx.Module):
     """
 
     def __init__(self, config: SynthConfig, version: str = "v2", f0: bool = True, *,
-                 rngs: nnx.Rngs, with_enc_q: bool = True):
+                 rngs: nnx.Rngs, with_enc_q: bool = True,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32):
         if version not in ("v1", "v2"):
             raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
         c = config
         self.config, self.version, self.f0 = c, version, bool(f0)
+        self.dtype, self.param_dtype = dtype, param_dtype
         self.feature_dim = 256 if version == "v1" else 768
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        # Each submodule draws from its own fork of rngs. Under nnx.eval_shape every
+        # rngs.params() costs time proportional to the draws already taken from that Rngs
+        # (flax probes the traced counter's .sharding, and jax's error message prints the
+        # counter's whole history), so one stream for ~200 layers is quadratic: 6-7 s
+        # for the v2 synthesizer instead of ~1.5 s.
         self.enc_p = TextEncoder(self.feature_dim, c.inter_channels, c.hidden_channels, c.filter_channels,
-                                 c.n_heads, c.n_layers, c.kernel_size, c.p_dropout, f0=self.f0, rngs=rngs)
+                                 c.n_heads, c.n_layers, c.kernel_size, c.p_dropout, f0=self.f0, **dt,
+                                 rngs=rngs.fork())
         self.dec = Generator(c.inter_channels, c.resblock, c.resblock_kernel_sizes, c.resblock_dilation_sizes,
                              c.upsample_rates, c.upsample_initial_channel, c.upsample_kernel_sizes,
-                             gin_channels=c.gin_channels, nsf=self.f0, sr=c.sr, rngs=rngs)
-        # enc_q only serves training; RVC deletes it from inference models.
+                             gin_channels=c.gin_channels, nsf=self.f0, sr=c.sr, **dt, rngs=rngs.fork())
+        # enc_q only serves training; RVC deletes it from inference models. Its fork is
+        # taken either way, so the other submodules get the same weights with or without it.
+        enc_q_rngs = rngs.fork()
         self.enc_q = (PosteriorEncoder(c.spec_channels, c.inter_channels, c.hidden_channels, 5, 1, 16,
-                                       gin_channels=c.gin_channels, rngs=rngs)
+                                       gin_channels=c.gin_channels, **dt, rngs=enc_q_rngs)
                       if with_enc_q else nnx.data(None))
         self.flow = ResidualCouplingBlock(c.inter_channels, c.hidden_channels, 5, 1, 3,
-                                          gin_channels=c.gin_channels, rngs=rngs)
-        self.emb_g = Embed(c.spk_embed_dim, c.gin_channels, rngs=rngs)
+                                          gin_channels=c.gin_channels, **dt, rngs=rngs.fork())
+        self.emb_g = Embed(c.spk_embed_dim, c.gin_channels, **dt, rngs=rngs)
 
     @property
     def hop_length(self) -> int:
@@ -220,16 +242,10 @@ class Synthesizer(nnx.Module):
             sid = jnp.zeros((phone.shape[0],), jnp.int32)
         g = self.speaker(sid)
         m_p, logs_p, x_mask = self.enc_p(phone, pitch if self.f0 else None, phone_lengths)
-        z_p = m_p if eps is None else m_p + jnp.exp(logs_p) * eps * noise_scale
+        z_p = m_p if eps is None else m_p + jnp.exp(logs_p) * jnp.asarray(eps, m_p.dtype) * noise_scale
         z_p = z_p * x_mask
         z = self.flow(z_p, x_mask, g, reverse=True)
         o = self.dec(z * x_mask, nsff0 if self.f0 else None, g, source_noise=source_noise,
                      x_mask=x_mask if mask_decoder else None)
         return o, x_mask, (z, z_p, m_p, logs_p)
 
-
-def build(config: SynthConfig | Sequence[Any], version: str = "v2", f0: bool = True, *,
-          seed: int = 0, with_enc_q: bool = True) -> Synthesizer:
-    if not isinstance(config, SynthConfig):
-        config = SynthConfig.from_list(config)
-    return Synthesizer(config, version, f0, rngs=nnx.Rngs(seed), with_enc_q=with_enc_q)

@@ -12,7 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Dtype
 
+from rvclora_jax import initializers
 from rvclora_jax.layers import Conv1d, Dense
 from rvclora_jax.models.attentions import Encoder
 from rvclora_jax.models.commons import leaky_relu, sequence_mask
@@ -29,21 +31,23 @@ class TextEncoder(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int = 192, hidden_channels: int = 192,
                  filter_channels: int = 768, n_heads: int = 2, n_layers: int = 6,
-                 kernel_size: int = 3, p_dropout: float = 0.0, f0: bool = True,
-                 *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 kernel_size: int = 3, p_dropout: float = 0.0, f0: bool = True, *,
+                 dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.in_channels, self.out_channels, self.hidden_channels = in_channels, out_channels, hidden_channels
         self.filter_channels, self.n_heads, self.n_layers = filter_channels, n_heads, n_layers
         self.kernel_size, self.p_dropout, self.f0 = kernel_size, float(p_dropout), bool(f0)
-        self.emb_phone = Dense(in_channels, hidden_channels, rngs=rngs, param_dtype=param_dtype)
+        self.dtype, self.param_dtype = dtype, param_dtype
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        self.emb_phone = Dense(in_channels, hidden_channels, **dt, rngs=rngs)
         if self.f0:
             # torch.nn.Embedding initialises N(0, 1).
-            self.emb_pitch = nnx.Embed(N_PITCH_BINS, hidden_channels, param_dtype=param_dtype,
-                                       embedding_init=nnx.initializers.normal(1.0), rngs=rngs)
+            self.emb_pitch = nnx.Embed(N_PITCH_BINS, hidden_channels, **dt,
+                                       embedding_init=initializers.normal(1.0), rngs=rngs)
         else:
             self.emb_pitch = nnx.data(None)
         self.encoder = Encoder(hidden_channels, filter_channels, n_heads, n_layers, kernel_size,
-                               p_dropout, rngs=rngs, param_dtype=param_dtype)
-        self.proj = Conv1d(hidden_channels, out_channels * 2, 1, rngs=rngs, param_dtype=param_dtype)
+                               p_dropout, **dt, rngs=rngs)
+        self.proj = Conv1d(hidden_channels, out_channels * 2, 1, **dt, rngs=rngs)
 
     def __call__(self, phone: jax.Array, pitch: jax.Array | None, lengths: jax.Array
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
