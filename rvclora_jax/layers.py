@@ -63,6 +63,7 @@ from typing import ClassVar, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from flax.nnx.nn.initializers import Initializer
