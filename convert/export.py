@@ -196,7 +196,7 @@ def merge_adapter(src: Source, adapter: Any, scale: float = 1.0) -> tuple[dict, 
     ad = adapters.load_adapter(os.fspath(adapter)) if isinstance(adapter, (str, os.PathLike)) else adapter
     adapters.check_adapter_fits(src.model, ad, source=src.path)
     adapters.check_fingerprint(ad, src.params, source=src.path)
-    merged = lora.merge(src.params, ad.params, ad.config, scale=scale, kinds=ad.kinds)
+    merged = lora.merge(src.params, ad.params, ad.config, scale=scale, kinds=getattr(ad, "kinds", None))
     for k, v in flatten(merged).items():
         if not np.all(np.isfinite(np.asarray(v))):
             raise ValueError(f"{ad.directory}: merging gives non-finite values in {k.replace('/', '.')}")

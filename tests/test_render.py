@@ -244,7 +244,7 @@ def test_folder_renders_in_one_batch_with_own_lengths(withf0, tmp_path, monkeypa
 
 
 def test_training_run_writes_samples_and_val_mel(tmp_path):
-    from rvclora_jax import lora
+    from rvclora_jax import adapters, lora
     from rvclora_jax.data import example_dir
     from rvclora_jax.models.discriminators import MultiPeriodDiscriminator
     from rvclora_jax.run import RunConfig, plot_losses, run, split_validation
