@@ -20,6 +20,7 @@ Recognition (:meth:`RVCFamily.detect`) needs only numpy shapes:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,9 @@ def parse_sr(sr: Any) -> int:
             return SAMPLE_RATES[sr]
         if sr.isdigit():
             return int(sr)
+        raise ValueError(f"unknown sample rate {sr!r}")
+    # Strict: 40000.5, True, NaN or inf are not rates (int() would truncate or overflow).
+    if isinstance(sr, bool) or not isinstance(sr, numbers.Integral):
         raise ValueError(f"unknown sample rate {sr!r}")
     return int(sr)
 
@@ -135,9 +139,31 @@ def _shape(sd, key) -> list[int] | None:
 
 def _claimed_sr(v: Any, key: str = "sr") -> int:
     try:
-        return parse_sr(v)
+        sr = parse_sr(v)
     except (TypeError, ValueError):
-        raise DetectionError(f"key '{key}' has value {v!r}; expected e.g. '40k', 40000 or '40000'") from None
+        sr = None
+    if sr not in SAMPLE_RATES.values():
+        raise DetectionError(f"key '{key}' has value {v!r}; expected one of RVC's rates "
+                             f"({', '.join(f'{n!r}/{hz}' for n, hz in SAMPLE_RATES.items())})")
+    return sr
+
+
+def check_config_rate(cfg: SynthConfig, version: str, where: str) -> None:
+    """An explicit config's ``sr`` must be one of RVC's rates and fit the upsampling the
+    weights were built with: the decoder turns one feature frame into ``hop_length``
+    samples, and every RVC preset runs at 100 frames/s (40k: 10·10·2·2 = 400 = 40000/100).
+    Otherwise audio rendered from the model would be written at the wrong rate."""
+    i = SynthConfig.FIELDS.index("sr")
+    if cfg.sr not in SAMPLE_RATES.values():
+        raise DetectionError(f"{where}[{i}] sr = {cfg.sr} is not one of RVC's rates "
+                             f"({', '.join(str(hz) for hz in SAMPLE_RATES.values())})")
+    want = preset(version, cfg.sr).hop_length
+    if cfg.hop_length != want:
+        fits = [f"{hz}" for hz in SAMPLE_RATES.values() if preset(version, hz).hop_length == cfg.hop_length]
+        raise DetectionError(f"{where}[{i}] sr = {cfg.sr} does not fit the model: its upsample_rates "
+                             f"{list(cfg.upsample_rates)} give {cfg.hop_length} samples per frame, "
+                             f"{version} at {cfg.sr} Hz needs {want}"
+                             + (f" (the weights are a {'/'.join(fits)} Hz model)" if fits else ""))
 
 
 def _claimed_f0(v: Any) -> bool:
@@ -323,6 +349,9 @@ class RVCFamily(Family):
         if len(emb_g) != 2:
             raise DetectionError(f"emb_g.weight has shape {emb_g}; expected [n_speakers, gin_channels]")
         n_speakers = emb_g[0]
+        if n_speakers < 1 or emb_g[1] < 1:
+            raise DetectionError(f"emb_g.weight has shape {emb_g}: a model needs at least one speaker "
+                                 f"(n_speakers = {emb_g[0]}) and gin_channels > 0")
         claimed_sr = _claimed_sr(claims["sr"]) if "sr" in claims else None
 
         if layout == "inference":
@@ -335,6 +364,7 @@ class RVCFamily(Family):
                 raise DetectionError(f"key 'config' is not a valid RVC config list: {e}") from None
             cfg = cfg.replace(spk_embed_dim=n_speakers)  # RVC: config[-3] = emb_g rows
             _check_config_vs_shapes(cfg, sd, "config")
+            check_config_rate(cfg, version, "config")
             if claimed_sr is not None and claimed_sr != cfg.sr:
                 raise DetectionError(f"key 'sr' says {claims['sr']!r} but config[17] sr is {raw[17]!r}")
         else:
