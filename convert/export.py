@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -176,6 +175,10 @@ def convert_file(path: str, out_dir: str) -> Source:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _no_space(out_dir, e) from None
+    except Exception as e:  # Orbax/tensorstore report failed writes (ENOSPC too) as their own types
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{out_dir}: could not be written ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); nothing was left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

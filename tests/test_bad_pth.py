@@ -182,6 +182,13 @@ def test_weight_norm_in_both_key_styles_refused(good, tmp_path, capsys):
     assert "two key styles" in err
 
 
+def test_one_pair_in_two_key_styles_refused(good, tmp_path, capsys):
+    def m(w):
+        w["dec.ups.2.parametrizations.weight.original1"] = w.pop("dec.ups.2.weight_v")
+    _export_refused(capsys, tmp_path, _variant(good, tmp_path, "mix.pth", m), "dec.ups.2.weight_g",
+                    "dec.ups.2.parametrizations.weight.original1")
+
+
 def test_plain_weight_and_pair_refused(good, tmp_path, capsys):
     def m(w):
         w["dec.ups.1.weight"] = w["dec.ups.1.weight_v"].clone()
@@ -217,6 +224,17 @@ def test_fp16_overflow_refused_before_writing(good, tmp_path, capsys):
     assert main(["export", p, out, "--fp32"]) == 0  # representable in fp32
 
 
+@pytest.mark.slow  # ~10 s (an adapter is made); the writer's check itself: test_fp16_overflow_refused_before_writing
+def test_export_scale_overflowing_fp16_refused(good, tmp_path, capsys):
+    from rvclora_convert import export as E
+    from tests.test_export import _adapter_for
+    _adapter_for(E.load_source(good["path"]), tmp_path / "adapter", preset="ups")
+    out = str(tmp_path / "out.pth")
+    inputs = [good["path"], str(tmp_path / "adapter")]
+    refused(capsys, ["export", good["path"], out, "--adapter", str(tmp_path / "adapter"), "--scale", "1e9"],
+            out, "dec.ups.", "float16", inputs=inputs, out=out)
+
+
 def test_disk_full_during_export_and_convert(good, tmp_path, capsys, monkeypatch):
     import safetensors.numpy
 
@@ -227,6 +245,13 @@ def test_disk_full_during_export_and_convert(good, tmp_path, capsys, monkeypatch
     refused(capsys, ["export", good["path"], out], out, "No space left", inputs=[good["path"]], out=out)
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     out = str(tmp_path / "conv")
+    refused(capsys, ["convert", good["path"], out], out, "No space left", inputs=[good["path"]], out=out)
+    monkeypatch.undo()
+    import orbax.checkpoint as ocp
+
+    def full_orbax(*a, **k):  # tensorstore reports a full disk as its own error type
+        raise RuntimeError("RESOURCE_EXHAUSTED: No space left on device")
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", full_orbax)
     refused(capsys, ["convert", good["path"], out], out, "No space left", inputs=[good["path"]], out=out)
 
 
@@ -343,3 +368,23 @@ def test_corrupted_orbax_params(good, tmp_path, capsys):
                 open(os.path.join(root, f), "wb").write(b"garbage")
     out = str(tmp_path / "out.pth")
     refused(capsys, ["export", d, out], "params", "Orbax", inputs=[d], out=out)
+
+
+@pytest.mark.slow  # ~15 s (a fresh process); the error itself: test_corrupted_orbax_params
+def test_corrupted_orbax_params_no_noise_at_exit(good, tmp_path):
+    """In a fresh process: Orbax's failed reads leave no asyncio reports ("Event loop is
+    closed", "Task exception was never retrieved") after the one-line error."""
+    import subprocess
+    import sys
+    d = _copy_dir(good, tmp_path)
+    for root, _, files in os.walk(os.path.join(d, "params")):
+        for f in files:
+            if "ocdbt" in root or f.startswith("manifest"):
+                open(os.path.join(root, f), "wb").write(b"x")
+    out = str(tmp_path / "out.pth")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", "rvclora_jax.cli", "export", d, out], capture_output=True,
+                       text=True, env=env, timeout=300)
+    err = r.stderr.splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("rvclora: error: "), r.stderr[-2000:]
+    assert "params" in err[0] and not os.path.exists(out)
