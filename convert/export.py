@@ -192,6 +192,10 @@ class ModelDirError(ValueError):
     """A converted model directory cannot be used; the message starts with the path."""
 
 
+def _no_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN/Infinity; convert never writes them
+
+
 def _read_model_json(path: str) -> dict:
     """``model.json`` of a converted directory, every field checked (names the field)."""
     mpath = os.path.join(path, MODEL_JSON)
@@ -201,7 +205,7 @@ def _read_model_json(path: str) -> dict:
     require_regular_file(mpath, "model description", max_bytes=MODEL_JSON_MAX_BYTES)
     try:
         with open(mpath, "rb") as fh:
-            meta = json.loads(fh.read().decode("utf-8"))
+            meta = json.loads(fh.read().decode("utf-8"), parse_constant=_no_json_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ModelDirError(f"{mpath}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
 

@@ -88,6 +88,17 @@ class RVCFile:
     def n_speakers(self) -> int | None:  # emb_g rows (generators)
         return getattr(self.spec.config, "spk_embed_dim", None)
 
+    def describe(self) -> dict[str, Any]:
+        """What ``rvclora inspect`` shows, as strict JSON-able values (metadata is made
+        JSON-safe on load: a NaN is the string ``"nan"``)."""
+        return {
+            "path": self.path, "layout": self.layout, "kind": self.kind, "version": self.version,
+            "f0": self.f0, "sr": self.sr, "params": self.num_params, "tensors": len(self.state_dict),
+            "dtype": self.dtype, "weight_norm": self.weight_norm_style, "enc_q": self.has_enc_q,
+            "optimizer": self.has_optimizer, "speakers": self.n_speakers,
+            "config": self.config.to_list() if self.config else None, "metadata": dict(self.metadata),
+        }
+
     def summary(self) -> str:
         what = (f"{self.kind} {self.version}" + (f" {self.sr // 1000}k" if self.sr else "")
                 + ("" if self.kind == "discriminator" else (" f0" if self.f0 else " nof0")))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from rvclora_jax.cli import main
+from rvclora_jax.models.synthesizer import SynthConfig
 from tests.test_export import NARROW, _torch_g, _write
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -163,11 +164,16 @@ def test_sample_rate_must_fit_the_model(good, tmp_path, capsys, sr, cfg_sr, need
     (10, [3, "7", 11], "resblock_kernel_sizes"), (11, [[1, 3, 5]], "resblock_dilation_sizes"),
     (12, [], "upsample_rates"), (14, [24, 20, 4], "upsample_kernel_sizes"), (6, None, "n_layers"),
     (13, True, "upsample_initial_channel"), (16, 8.5, "gin_channels"),
+    # well-typed but not what the weights hold (caught before any model is built)
+    (6, 10**9, "n_layers"), (5, 4, "n_heads"), (7, 5, "kernel_size"), (10, [3, 7], "resblock_dilation_sizes"),  # 3 dilation lists for 2 kernel sizes
+    (10, [3, 7, 13], "resblock_kernel_sizes"), (11, [[1, 3], [1, 3], [1, 3]], "resblock_dilation_sizes"),
+    (9, "2", "resblock"),
 ])
 def test_config_entries_are_validated(good, tmp_path, capsys, i, value, field):
     def top(ck):
         ck["config"][i] = value
-    _export_refused(capsys, tmp_path, _variant(good, tmp_path, "cfg.pth", top=top), f"config[{i}] {field}")
+    _export_refused(capsys, tmp_path, _variant(good, tmp_path, "cfg.pth", top=top),
+                    f"config[{SynthConfig.FIELDS.index(field)}] {field}")
 
 
 # ----------------------------------------------------------------- ambiguous keys
@@ -296,7 +302,7 @@ def _put_model_json(d, meta_or_text):
     ("kind", "'kind'"), ("key_order", "'key_order'"), ("metadata", "'metadata'"), ("f0", "'f0'"),
     ("config-str", "config[3] hidden_channels"), ("config-len", "18 entries"), ("sr", "'sr'"),
     ("missing-layout", "'layout' missing"), ("has_enc_q", "'has_enc_q'"), ("lr", "learning_rate"),
-    ("version", "'version'"),
+    ("version", "'version'"), ("nan", "NaN is not JSON"),
 ])
 def test_malformed_model_json(good, tmp_path, capsys, case, needle):
     d = _copy_dir(good, tmp_path)
@@ -329,6 +335,8 @@ def test_malformed_model_json(good, tmp_path, capsys, case, needle):
         meta["metadata"]["learning_rate"] = None
     elif case == "version":
         meta["version"] = ["v2"]
+    elif case == "nan":
+        meta["metadata"]["epoch"] = float("nan")  # json.dumps writes NaN
     _put_model_json(d, meta)
     out = str(tmp_path / "out.pth")
     refused(capsys, ["export", d, out], "model.json", needle, inputs=[d], out=out)
@@ -388,3 +396,11 @@ def test_corrupted_orbax_params_no_noise_at_exit(good, tmp_path):
     err = r.stderr.splitlines()
     assert r.returncode == 2 and len(err) == 1 and err[0].startswith("rvclora: error: "), r.stderr[-2000:]
     assert "params" in err[0] and not os.path.exists(out)
+
+
+def test_describe_is_what_inspect_prints(good, tmp_path, capsys):
+    from rvclora_convert.pth import load_rvc_file
+    capsys.readouterr()
+    assert main(["inspect", good["path"], "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(json.dumps(load_rvc_file(good["path"]).describe(), allow_nan=False)) == printed

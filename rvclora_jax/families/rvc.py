@@ -133,6 +133,19 @@ def _expected_noise_kernels(cfg: SynthConfig) -> tuple[int, ...]:
     return tuple(k for k, _, _ in noise_conv_geometry(cfg.upsample_rates))
 
 
+def _indices(sd: Mapping[str, Any], prefix: str) -> set[str]:
+    """The distinct ``<i>`` of keys ``prefix<i>.…``."""
+    return {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+
+
+def _first_shape(sd, prefix) -> list[int] | None:
+    """The shape of a conv's weight in whichever key style it is stored."""
+    for suf in _UPS_WEIGHT_SUFFIXES:
+        if f"{prefix}.{suf}" in sd:
+            return list(sd[f"{prefix}.{suf}"].shape)
+    return None
+
+
 def _shape(sd, key) -> list[int] | None:
     return list(sd[key].shape) if key in sd else None
 
@@ -190,6 +203,39 @@ def _check_config_vs_shapes(cfg: SynthConfig, sd: Mapping[str, np.ndarray], wher
         if shp is not None and len(shp) > dim and shp[dim] != want:
             shown = want // 2 if field == "inter_channels" else want
             raise DetectionError(f"{where}[{idx[field]}] {field} = {shown} does not match {key} {shp}")
+    # The entries no tensor width shows are counted from the keys, so a config can never
+    # make the build trace a model the file does not hold (n_layers = 10**9 would hang).
+    n_attn = len(_indices(sd, "enc_p.encoder.attn_layers."))
+    if n_attn and n_attn != cfg.n_layers:
+        raise DetectionError(f"{where}[{idx['n_layers']}] n_layers = {cfg.n_layers} does not match the file's "
+                             f"{n_attn} enc_p.encoder.attn_layers.*")
+    rel = _shape(sd, "enc_p.encoder.attn_layers.0.emb_rel_k")
+    if rel is not None and len(rel) == 3 and rel[-1] * cfg.n_heads != cfg.hidden_channels:
+        raise DetectionError(f"{where}[{idx['n_heads']}] n_heads = {cfg.n_heads} does not match "
+                             f"enc_p.encoder.attn_layers.0.emb_rel_k {rel} (hidden_channels / n_heads per head)")
+    ffn = _shape(sd, "enc_p.encoder.ffn_layers.0.conv_1.weight")
+    if ffn is not None and len(ffn) == 3 and ffn[-1] != cfg.kernel_size:
+        raise DetectionError(f"{where}[{idx['kernel_size']}] kernel_size = {cfg.kernel_size} does not match "
+                             f"enc_p.encoder.ffn_layers.0.conv_1.weight {ffn}")
+    n_rb = len(_indices(sd, "dec.resblocks."))
+    nk = len(cfg.resblock_kernel_sizes)
+    if n_rb != nk * len(cfg.upsample_rates):
+        raise DetectionError(f"{where}[{idx['resblock_kernel_sizes']}] resblock_kernel_sizes = "
+                             f"{list(cfg.resblock_kernel_sizes)} gives {nk} resblocks per upsampler "
+                             f"({nk * len(cfg.upsample_rates)} in all) but the file has {n_rb} dec.resblocks.*")
+    convs = "convs1" if cfg.resblock == "1" else "convs"
+    for j in range(n_rb):
+        n_convs = len(_indices(sd, f"dec.resblocks.{j}.{convs}."))
+        want = len(cfg.resblock_dilation_sizes[j % nk]) if cfg.resblock == "1" else 2
+        if n_convs != want:
+            field = "resblock_dilation_sizes" if n_convs else "resblock"
+            raise DetectionError(f"{where}[{idx[field]}] {field} = {getattr(cfg, field)!r} does not match "
+                                 f"dec.resblocks.{j} ({n_convs} {convs}.* layers, expected {want})")
+        k = _first_shape(sd, f"dec.resblocks.{j}.{convs}.0")
+        if k is not None and k[-1] != cfg.resblock_kernel_sizes[j % nk]:
+            raise DetectionError(f"{where}[{idx['resblock_kernel_sizes']}] resblock_kernel_sizes = "
+                                 f"{list(cfg.resblock_kernel_sizes)} does not match dec.resblocks.{j}.{convs}.0 "
+                                 f"(kernel size {k[-1]})")
     ups = _ups_kernels(sd)
     if ups != tuple(cfg.upsample_kernel_sizes):
         raise DetectionError(f"{where}[{idx['upsample_kernel_sizes']}] upsample_kernel_sizes = "
