@@ -24,6 +24,7 @@ Every write goes to a temporary name in the target directory and is renamed into
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,11 +36,11 @@ import numpy as np
 import torch
 from flax import nnx
 
-from .pth import RVCFile, RVCFileError, load_rvc_file, to_flax
+from .pth import LAYOUTS, RVCFile, RVCFileError, check_metadata, load_rvc_file, to_flax
 from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
 from rvclora_jax import adapters, families, lora
 from rvclora_jax.families import ModelSpec
-from rvclora_jax.fileio import atomic_write
+from rvclora_jax.fileio import atomic_write, require_regular_file
 from rvclora_jax.models.synthesizer import SynthConfig
 from rvclora_jax.train import TrainConfig
 from rvclora_jax.tree import flatten, unflatten
@@ -107,6 +108,31 @@ def source_from_file(path: str) -> Source:
     return source_from_rvc_file(load_rvc_file(path))
 
 
+def _check_finite(out_path: str, tensors: dict) -> None:
+    """Refuse, before anything is written, a tensor that is not finite in the dtype it is
+    written in (fp16 overflows to inf above 65504: a huge adapter or ``--scale``)."""
+    for k, t in tensors.items():
+        a = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t))
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            dt = str(a.dtype).replace("torch.", "")
+            hint = " (float16 holds at most 65504: lower --scale or export with --fp32)" if dt == "float16" else ""
+            raise ValueError(f"{out_path}: not written: {k} would hold non-finite values as {dt}{hint}")
+
+
+def _no_space(path: str, e: OSError) -> OSError:
+    """A write error as one line naming the file (``[Errno 28]`` alone names nothing)."""
+    out = OSError(f"{path}: could not be written ({e.strerror or e}); nothing was left behind")
+    out.errno = e.errno
+    return out
+
+
+def _atomic_write(path: str, write, *, suffix: str = "") -> str:
+    try:
+        return atomic_write(path, write, suffix=suffix)
+    except OSError as e:
+        raise _no_space(path, e) from None
+
+
 def _atomic_dir(out_dir: str):
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -122,6 +148,9 @@ def convert_file(path: str, out_dir: str) -> Source:
     from safetensors.numpy import save_file
 
     src = source_from_file(path)
+    for k, v in flatten(src.params).items():
+        if not np.all(np.isfinite(np.asarray(v))):
+            raise ValueError(f"{out_dir}: not written: {k.replace('/', '.')} is not finite")
     out_dir, tmp = _atomic_dir(out_dir)
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -139,43 +168,182 @@ def convert_file(path: str, out_dir: str) -> Source:
             "metadata": src.metadata, "has_enc_q": src.has_training_only, "family": src.family,
         }
         with open(os.path.join(tmp, MODEL_JSON), "w") as fh:
-            json.dump(meta, fh, indent=1)
+            json.dump(meta, fh, indent=1, allow_nan=False)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _no_space(out_dir, e) from None
+    except Exception as e:  # Orbax/tensorstore report failed writes (ENOSPC too) as their own types
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"{out_dir}: could not be written ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); nothing was left behind") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return src
 
 
-def source_from_dir(path: str) -> Source:
-    import orbax.checkpoint as ocp
-    from safetensors.numpy import load_file
+MODEL_JSON_MAX_BYTES = 16 << 20  # key order + config + metadata: a few hundred KB at most
 
+
+class ModelDirError(ValueError):
+    """A converted model directory cannot be used; the message starts with the path."""
+
+
+def _no_json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN/Infinity; convert never writes them
+
+
+def _read_model_json(path: str) -> dict:
+    """``model.json`` of a converted directory, every field checked (names the field)."""
     mpath = os.path.join(path, MODEL_JSON)
-    if not os.path.exists(mpath):
+    if not os.path.lexists(mpath):
         raise FileNotFoundError(f"{path}: not a converted model directory (no {MODEL_JSON}); "
                                 f"create one with `rvclora convert FILE.pth {path}`")
-    with open(mpath) as fh:
-        meta = json.load(fh)
+    require_regular_file(mpath, "model description", max_bytes=MODEL_JSON_MAX_BYTES)
+    try:
+        with open(mpath, "rb") as fh:
+            meta = json.loads(fh.read().decode("utf-8"), parse_constant=_no_json_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelDirError(f"{mpath}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
+
+    def bad(field, want):
+        return ModelDirError(f"{mpath}: field '{field}' = {json.dumps(meta.get(field))[:80]}: expected {want}")
+
+    if not isinstance(meta, dict):
+        raise ModelDirError(f"{mpath}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{mpath}: not an rvclora model description (format={meta.get('format')!r})")
-    cfg = SynthConfig.from_list(meta["config"]) if meta.get("config") else None
-    fam = families.get(meta.get("family", "rvc"))  # directories written before families: RVC
-    spec = ModelSpec(fam.name, meta["kind"], meta["version"], meta["f0"], cfg, meta["sr"], bool(meta["has_enc_q"]))
+        raise ModelDirError(f"{mpath}: not an rvclora model description (format={meta.get('format')!r})")
+    for field in ("kind", "version", "layout", "key_order", "metadata", "has_enc_q"):
+        if field not in meta:
+            raise ModelDirError(f"{mpath}: field '{field}' missing")
+    family = meta.get("family", "rvc")  # directories written before families: RVC
+    if not isinstance(family, str):
+        raise bad("family", "a model family name")
+    fam = families.get(family)
+    if meta["kind"] not in ("generator", "discriminator"):
+        raise bad("kind", "'generator' or 'discriminator'")
+    if meta["version"] not in getattr(fam, "versions", (meta["version"],)) or not isinstance(meta["version"], str):
+        raise bad("version", f"one of {list(getattr(fam, 'versions', ()))}")
+    if meta["layout"] not in LAYOUTS:
+        raise bad("layout", f"one of {list(LAYOUTS)}")
+    if not isinstance(meta["key_order"], list) or not all(isinstance(k, str) for k in meta["key_order"]):
+        raise bad("key_order", "a list of state-dict key names")
+    if not isinstance(meta["metadata"], dict):
+        raise bad("metadata", "an object")
+    if not isinstance(meta["has_enc_q"], bool):
+        raise bad("has_enc_q", "true or false")
+    try:
+        check_metadata(mpath, meta["metadata"])
+    except RVCFileError as e:
+        raise ModelDirError(str(e).replace("key '", "field 'metadata.", 1)) from None
+    if meta["kind"] == "generator":
+        if not isinstance(meta.get("f0"), bool):
+            raise bad("f0", "true or false")
+        if "config" not in meta:
+            raise ModelDirError(f"{mpath}: field 'config' missing")
+        try:
+            cfg = SynthConfig.from_list(meta["config"])
+        except (TypeError, ValueError) as e:
+            raise ModelDirError(f"{mpath}: field 'config': {' '.join(str(e).split())}") from None
+        if meta.get("sr") != cfg.sr or isinstance(meta.get("sr"), bool):
+            raise bad("sr", f"the config's rate ({cfg.sr})")
+        if fam.name == "rvc":
+            from rvclora_jax.families.rvc import check_config_rate
+            try:
+                check_config_rate(cfg, meta["version"], "config")
+            except ValueError as e:
+                raise ModelDirError(f"{mpath}: field {' '.join(str(e).split())}") from None
+        meta["config"] = cfg
+    else:
+        if meta.get("config") is not None or meta.get("f0") is not None:
+            raise ModelDirError(f"{mpath}: a discriminator has no 'config' or 'f0' (expected null)")
+        sr = meta.get("sr")
+        if sr is not None and (isinstance(sr, bool) or not isinstance(sr, int) or sr <= 0):
+            raise bad("sr", "null or a sample rate in Hz")
+        meta["config"] = None
+    meta["family"] = fam.name
+    return meta
+
+
+def _read_wn_source(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The source's original weight-norm pairs (``weight_norm_source.safetensors``), checked."""
+    from safetensors.numpy import load_file
+
+    wpath = os.path.join(path, WN_SOURCE)
+    if not os.path.lexists(wpath):
+        return {}
+    require_regular_file(wpath, "weight-norm source")
+    try:
+        wn = load_file(wpath)
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError)
+        raise ModelDirError(f"{wpath}: not a readable safetensors file ({' '.join(str(e).split())[:200]})") from None
+    pairs = {}
+    for k, g in wn.items():
+        if k.endswith("." + LEGACY_G):
+            prefix = k[: -len(LEGACY_G) - 1]
+            vk = prefix + "." + LEGACY_V
+            if vk not in wn:
+                raise ModelDirError(f"{wpath}: {k} has no partner {vk}")
+            v = wn[vk]
+            for name, a in ((k, g), (vk, v)):
+                if a.dtype.kind != "f" or a.ndim == 0 or not np.all(np.isfinite(a)):
+                    raise ModelDirError(f"{wpath}: {name} must be a finite float tensor of at least one "
+                                        f"dimension (got {a.dtype} {list(a.shape)})")
+            if v.ndim < 2 or g.size != v.shape[0]:
+                raise ModelDirError(f"{wpath}: {k} {list(g.shape)} does not fit {vk} {list(v.shape)}")
+            pairs[prefix] = (g, v)
+        elif not k.endswith("." + LEGACY_V) or k[: -len(LEGACY_V)] + LEGACY_G not in wn:
+            raise ModelDirError(f"{wpath}: unexpected key {k} (only {LEGACY_G}/{LEGACY_V} pairs belong here)")
+    return pairs
+
+
+def source_from_dir(path: str) -> Source:
+    import orbax.checkpoint as ocp
+
+    meta = _read_model_json(path)
+    cfg = meta["config"]
+    fam = families.get(meta["family"])
+    spec = ModelSpec(fam.name, meta["kind"], meta["version"], meta["f0"], cfg, meta["sr"], meta["has_enc_q"])
+    pairs = _read_wn_source(path)
     # The structure (ShapeDtypeStructs) is Orbax's restore target; nothing is initialised.
     target = nnx.to_pure_dict(nnx.state(fam.abstract(spec), nnx.Param))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
+    pdir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(pdir):
+        raise ModelDirError(f"{pdir}: missing (the converted model's Orbax params)")
+    try:
+        with _quiet_asyncio(), ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(pdir, target)
+    except Exception as e:  # Orbax / tensorstore raise many types; all mean "cannot read"
+        raise ModelDirError(f"{pdir}: cannot read the Orbax params ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]})") from None
     params = unflatten({k: np.asarray(v) for k, v in flatten(params).items()})
+    for k, v in flatten(params).items():
+        if v.dtype.kind != "f" or not np.all(np.isfinite(v)):
+            raise ModelDirError(f"{pdir}: {k.replace('/', '.')} is not a finite float array")
     model = fam.materialize(spec, params, source=path)
-    wn = load_file(os.path.join(path, WN_SOURCE)) if os.path.exists(os.path.join(path, WN_SOURCE)) else {}
-    pairs = {k[: -len(LEGACY_G) - 1]: (wn[k], wn[k[: -len(LEGACY_G)] + LEGACY_V]) for k in wn
-             if k.endswith("." + LEGACY_G)}
     return Source(path=path, kind=meta["kind"], version=meta["version"], f0=meta["f0"], config=cfg,
                   layout=meta["layout"], model=model, params=params, key_order=list(meta["key_order"]),
                   wn_source=pairs, metadata=dict(meta["metadata"]), family=fam.name)
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    """Orbax runs its reads on an asyncio loop; when a read fails, the loop's pending
+    tasks are reported at exit ("Event loop is closed", "Task exception was never
+    retrieved") on stderr, after the one-line error. Those reports say nothing the
+    error does not, so asyncio's logger is silenced while Orbax works."""
+    import logging
+
+    log = logging.getLogger("asyncio")
+    old = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def load_source(path: str) -> Source:
@@ -266,7 +434,8 @@ def export(src: Source, out_path: str, *, adapter: Any = None, scale: float = 1.
                 "optimizer": _empty_adamw_state(len(tensors), lr), "learning_rate": lr}
     else:
         ckpt = {"model": tensors}
-    out_path = atomic_write(out_path, lambda tmp: torch.save(ckpt, tmp), suffix=".pth")
+    _check_finite(out_path, tensors)
+    out_path = _atomic_write(out_path, lambda tmp: torch.save(ckpt, tmp), suffix=".pth")
     return {"path": out_path, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
             "keys": len(tensors), "adapter": ad.directory if ad else None, "scale": scale,
             "bytes": os.path.getsize(out_path)}
@@ -275,7 +444,8 @@ def export(src: Source, out_path: str, *, adapter: Any = None, scale: float = 1.
 def write_base_file(model: nnx.Module, path: str) -> str:
     """Write a synthesizer's weights as an RVC pretrained-style ``{"model": state_dict}`` file."""
     sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in flax_to_torch(model).items()}
-    return atomic_write(path, lambda tmp: torch.save({"model": sd}, tmp), suffix=".pth")
+    _check_finite(path, sd)
+    return _atomic_write(path, lambda tmp: torch.save({"model": sd}, tmp), suffix=".pth")
 
 
 __all__ = ["Source", "load_source", "source_from_rvc_file", "convert_file", "export", "merge_adapter",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import pickle
 import re
@@ -35,9 +36,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from .state_dict import StateDictError, torch_to_flax, weight_norm_style
+from .state_dict import StateDictError, torch_to_flax, weight_norm_groups, weight_norm_style
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError, ModelSpec
+from rvclora_jax.fileio import require_regular_file
 from rvclora_jax.models.synthesizer import SynthConfig
 from rvclora_jax.tree import TreeMismatch
 
@@ -86,6 +88,17 @@ class RVCFile:
     def n_speakers(self) -> int | None:  # emb_g rows (generators)
         return getattr(self.spec.config, "spk_embed_dim", None)
 
+    def describe(self) -> dict[str, Any]:
+        """What ``rvclora inspect`` shows, as strict JSON-able values (metadata is made
+        JSON-safe on load: a NaN is the string ``"nan"``)."""
+        return {
+            "path": self.path, "layout": self.layout, "kind": self.kind, "version": self.version,
+            "f0": self.f0, "sr": self.sr, "params": self.num_params, "tensors": len(self.state_dict),
+            "dtype": self.dtype, "weight_norm": self.weight_norm_style, "enc_q": self.has_enc_q,
+            "optimizer": self.has_optimizer, "speakers": self.n_speakers,
+            "config": self.config.to_list() if self.config else None, "metadata": dict(self.metadata),
+        }
+
     def summary(self) -> str:
         what = (f"{self.kind} {self.version}" + (f" {self.sr // 1000}k" if self.sr else "")
                 + ("" if self.kind == "discriminator" else (" f0" if self.f0 else " nof0")))
@@ -105,10 +118,16 @@ def _torch_load(path: str) -> Any:
         raise _fail(path, "file not found")
     if os.path.isdir(path):
         raise _fail(path, "is a directory, not a .pth file")
+    try:  # a FIFO or /dev/zero would be read without end
+        require_regular_file(path, ".pth file")
+    except (OSError, ValueError) as e:
+        raise RVCFileError(" ".join(str(e).split())) from None
     if os.path.getsize(path) == 0:
         raise _fail(path, "file is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise _fail(path, "declares tensors larger than the memory available") from None
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r"GLOBAL\s+([\w.]+)", text)
@@ -132,32 +151,84 @@ def _torch_load(path: str) -> Any:
         raise _fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
 
 
+def _json_safe(v: Any) -> Any:
+    """``v`` with non-finite floats spelled as strings (``"nan"``, ``"inf"``): metadata is
+    written to ``model.json`` and printed by ``inspect --json``, and JSON has no NaN."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def _jsonable(v: Any) -> bool:
     try:
-        json.dumps(v)
-    except (TypeError, ValueError):
+        json.dumps(v, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
         return False
     return True
+
+
+# What an RVC state dict holds: float tensors of at least one dimension (weights, biases,
+# LayerNorm gammas, relative-attention embeddings). bfloat16 is upcast (numpy has none).
+_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
 
 
 def _to_numpy(path: str, where: str, sd: Any) -> dict[str, np.ndarray]:
     if not isinstance(sd, Mapping):
         raise _fail(path, f"'{where}' should be a state dict (str -> tensor), got {type(sd).__name__}")
     out: dict[str, np.ndarray] = {}
+    # The declared sizes are checked before anything is copied: a tensor's shape and
+    # strides come from the pickle, so a tiny file can declare a [10^11] view with stride
+    # 0 over 4 bytes, which every numpy operation would then try to allocate.
+    budget = os.path.getsize(path)
+    declared = 0
     for k, v in sd.items():
         if not isinstance(k, str):
             raise _fail(path, f"'{where}' has a non-string key {k!r}")
         if not isinstance(v, torch.Tensor):
             raise _fail(path, f"{k}: expected a tensor in '{where}', got {type(v).__name__}")
+        if v.dtype not in _FLOAT_DTYPES:
+            raise _fail(path, f"{k} is a {str(v.dtype).replace('torch.', '')} tensor; a float tensor was "
+                              f"expected (RVC state dicts hold only float weights)")
+        if v.dim() == 0:
+            raise _fail(path, f"{k} is a 0-d (scalar) tensor; RVC weights have at least one dimension")
+        nbytes = v.numel() * v.element_size()
+        if nbytes > v.untyped_storage().nbytes() - v.storage_offset() * v.element_size() or min(v.stride()) < 0:
+            raise _fail(path, f"{k} declares shape {list(v.shape)} with strides {list(v.stride())}, more than "
+                              f"its stored data holds ({v.untyped_storage().nbytes():,} bytes)")
+        declared += nbytes
+        if declared > budget:
+            raise _fail(path, f"{k}: the tensors declare more data ({declared:,} bytes so far) than the file "
+                              f"holds ({budget:,} bytes)")
         t = v.detach().cpu()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16
             t = t.float()
         out[k] = t.numpy()
-        if out[k].dtype.kind == "f" and not np.all(np.isfinite(out[k])):
+        if not np.all(np.isfinite(out[k])):
             raise _fail(path, f"{k} contains NaN or inf values")
     if not out:
         raise _fail(path, f"'{where}' is an empty state dict")
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_metadata(path: str, md: Mapping[str, Any]) -> None:
+    """The top-level values RVC's ``load_checkpoint`` reads back (and ``export`` writes
+    again): ``learning_rate`` a finite number > 0, ``iteration`` an integer >= 0."""
+    if "learning_rate" in md:
+        lr = md["learning_rate"]
+        if not _is_number(lr) or not np.isfinite(float(lr)) or float(lr) <= 0:
+            raise _fail(path, f"key 'learning_rate' has value {lr!r}; expected a finite number > 0")
+    if "iteration" in md:
+        it = md["iteration"]
+        if isinstance(it, bool) or not isinstance(it, numbers.Integral) or it < 0:
+            raise _fail(path, f"key 'iteration' has value {it!r}; expected an integer >= 0")
 
 
 def _dtype_name(sd: Mapping[str, np.ndarray]) -> str:
@@ -195,7 +266,13 @@ def load_rvc_file(path: str | os.PathLike) -> RVCFile:
                           f"(pretrained / training checkpoint) or 'weight' + 'config' (inference model)")
     layout, sd_key = _layout(path, ckpt)
     sd = _to_numpy(path, sd_key, ckpt[sd_key])
-    metadata = {str(k): v for k, v in ckpt.items() if k not in _NOT_METADATA and _jsonable(v)}
+    try:  # every layer's weight given once (no two weight-norm key styles for one layer)
+        weight_norm_groups(sd, source=path)
+    except StateDictError as e:
+        raise RVCFileError(" ".join(str(e).split())) from None
+    check_metadata(path, {str(k): v for k, v in ckpt.items()})
+    metadata = {str(k): _json_safe(v) for k, v in ckpt.items() if k not in _NOT_METADATA}
+    metadata = {k: v for k, v in metadata.items() if _jsonable(v)}
     has_optimizer = "optimizer" in ckpt and ckpt["optimizer"] is not None
     if has_optimizer and not isinstance(ckpt["optimizer"], Mapping):
         raise _fail(path, f"key 'optimizer' should be an optimizer state dict, got {type(ckpt['optimizer']).__name__}")
@@ -232,4 +309,4 @@ def to_flax(rvc_file: RVCFile, *, seed: int = 0) -> tuple[nnx.Module, dict]:
     return model, params
 
 
-__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "to_flax"]
+__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "to_flax", "check_metadata"]

@@ -73,33 +73,58 @@ def split_weight_norm(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return g, w
 
 
-def fold_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") -> dict[str, np.ndarray]:
-    """Upcast to fp32 and fold both weight-norm key styles into plain ``.weight`` keys."""
-    out: dict[str, np.ndarray] = {}
-    pending: dict[str, dict[str, np.ndarray]] = {}
+def weight_norm_groups(sd: Mapping[str, Any], *, source: str = "state dict"
+                       ) -> tuple[dict[str, Any], dict[str, tuple[tuple[str, Any], tuple[str, Any]]]]:
+    """Split ``sd`` into plain keys and weight-norm pairs ``prefix -> ((gk, g), (vk, v))``.
+
+    Each layer's weight must be given exactly once: a ``(g, v)`` pair in one key style,
+    or a plain ``.weight``. A layer given twice (both key styles, or a pair and a plain
+    weight) is ambiguous — which one RVC would load depends on its code path — so it is
+    refused naming both keys, never collapsed to one silently. Only shapes are read."""
+    plain: dict[str, Any] = {}
+    pending: dict[str, dict[str, tuple[str, Any]]] = {}
     for k, v in sd.items():
-        a = np.asarray(v)
-        if a.dtype.kind == "f":
-            a = a.astype(np.float32)
         for gname, vname in ((LEGACY_G, LEGACY_V), (NEW_G, NEW_V)):
             if k.endswith("." + gname) or k.endswith("." + vname):
                 prefix, leaf = (k[: -len(gname) - 1], "g") if k.endswith("." + gname) else (k[: -len(vname) - 1], "v")
-                pending.setdefault(prefix, {})[leaf] = (k, a)
+                pair = pending.setdefault(prefix, {})
+                if leaf in pair:
+                    raise StateDictError(f"{source}: {pair[leaf][0]} and {k} both give the weight norm of "
+                                         f"{prefix} (two key styles); keep one of them")
+                pair[leaf] = (k, v)
                 break
         else:
-            out[k] = a
+            plain[k] = v
+    pairs = {}
     for prefix, gv in pending.items():
         if set(gv) != {"g", "v"}:
             have = next(iter(gv.values()))[0]
             raise StateDictError(f"{source}: weight-norm key {have} has no partner "
                                  f"({'weight_v' if 'g' in gv else 'weight_g'} missing)")
         (gk, g), (vk, v) = gv["g"], gv["v"]
-        if g.size != v.shape[0]:
-            raise StateDictError(f"{source}: {gk} has shape {tuple(g.shape)}, expected {v.shape[0]} "
-                                 f"entries to match {vk} {tuple(v.shape)}")
-        if prefix + ".weight" in out:
-            raise StateDictError(f"{source}: {prefix}.weight present together with weight-norm keys")
-        out[prefix + ".weight"] = fold_weight_norm(g, v)
+        if gk.endswith("." + LEGACY_G) != vk.endswith("." + LEGACY_V):
+            raise StateDictError(f"{source}: {gk} and {vk} mix the two weight-norm key styles for {prefix}")
+        if np.ndim(v) < 2 or np.size(g) != np.shape(v)[0]:
+            raise StateDictError(f"{source}: {gk} has shape {tuple(np.shape(g))} and {vk} {tuple(np.shape(v))}; "
+                                 f"expected v of at least 2 dimensions and one g per row of v")
+        if prefix + ".weight" in plain:
+            raise StateDictError(f"{source}: {prefix}.weight and {gk}/{vk} both give the weight of {prefix}; "
+                                 f"keep one of them")
+        pairs[prefix] = ((gk, g), (vk, v))
+    return plain, pairs
+
+
+def fold_state_dict(sd: Mapping[str, Any], *, source: str = "state dict") -> dict[str, np.ndarray]:
+    """Upcast to fp32 and fold both weight-norm key styles into plain ``.weight`` keys
+    (each layer given once: see :func:`weight_norm_groups`)."""
+    def f32(a):
+        a = np.asarray(a)
+        return a.astype(np.float32) if a.dtype.kind == "f" else a
+
+    plain, pairs = weight_norm_groups(sd, source=source)
+    out = {k: f32(v) for k, v in plain.items()}
+    for prefix, ((_, g), (_, v)) in pairs.items():
+        out[prefix + ".weight"] = fold_weight_norm(f32(g), f32(v))
     return out
 
 

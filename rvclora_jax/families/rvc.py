@@ -20,6 +20,7 @@ Recognition (:meth:`RVCFamily.detect`) needs only numpy shapes:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +42,9 @@ def parse_sr(sr: Any) -> int:
             return SAMPLE_RATES[sr]
         if sr.isdigit():
             return int(sr)
+        raise ValueError(f"unknown sample rate {sr!r}")
+    # Strict: 40000.5, True, NaN or inf are not rates (int() would truncate or overflow).
+    if isinstance(sr, bool) or not isinstance(sr, numbers.Integral):
         raise ValueError(f"unknown sample rate {sr!r}")
     return int(sr)
 
@@ -129,15 +133,50 @@ def _expected_noise_kernels(cfg: SynthConfig) -> tuple[int, ...]:
     return tuple(k for k, _, _ in noise_conv_geometry(cfg.upsample_rates))
 
 
+def _indices(sd: Mapping[str, Any], prefix: str) -> set[str]:
+    """The distinct ``<i>`` of keys ``prefix<i>.…``."""
+    return {k[len(prefix):].split(".", 1)[0] for k in sd if k.startswith(prefix)}
+
+
+def _first_shape(sd, prefix) -> list[int] | None:
+    """The shape of a conv's weight in whichever key style it is stored."""
+    for suf in _UPS_WEIGHT_SUFFIXES:
+        if f"{prefix}.{suf}" in sd:
+            return list(sd[f"{prefix}.{suf}"].shape)
+    return None
+
+
 def _shape(sd, key) -> list[int] | None:
     return list(sd[key].shape) if key in sd else None
 
 
 def _claimed_sr(v: Any, key: str = "sr") -> int:
     try:
-        return parse_sr(v)
+        sr = parse_sr(v)
     except (TypeError, ValueError):
-        raise DetectionError(f"key '{key}' has value {v!r}; expected e.g. '40k', 40000 or '40000'") from None
+        sr = None
+    if sr not in SAMPLE_RATES.values():
+        raise DetectionError(f"key '{key}' has value {v!r}; expected one of RVC's rates "
+                             f"({', '.join(f'{n!r}/{hz}' for n, hz in SAMPLE_RATES.items())})")
+    return sr
+
+
+def check_config_rate(cfg: SynthConfig, version: str, where: str) -> None:
+    """An explicit config's ``sr`` must be one of RVC's rates and fit the upsampling the
+    weights were built with: the decoder turns one feature frame into ``hop_length``
+    samples, and every RVC preset runs at 100 frames/s (40k: 10·10·2·2 = 400 = 40000/100).
+    Otherwise audio rendered from the model would be written at the wrong rate."""
+    i = SynthConfig.FIELDS.index("sr")
+    if cfg.sr not in SAMPLE_RATES.values():
+        raise DetectionError(f"{where}[{i}] sr = {cfg.sr} is not one of RVC's rates "
+                             f"({', '.join(str(hz) for hz in SAMPLE_RATES.values())})")
+    want = preset(version, cfg.sr).hop_length
+    if cfg.hop_length != want:
+        fits = [f"{hz}" for hz in SAMPLE_RATES.values() if preset(version, hz).hop_length == cfg.hop_length]
+        raise DetectionError(f"{where}[{i}] sr = {cfg.sr} does not fit the model: its upsample_rates "
+                             f"{list(cfg.upsample_rates)} give {cfg.hop_length} samples per frame, "
+                             f"{version} at {cfg.sr} Hz needs {want}"
+                             + (f" (the weights are a {'/'.join(fits)} Hz model)" if fits else ""))
 
 
 def _claimed_f0(v: Any) -> bool:
@@ -164,6 +203,39 @@ def _check_config_vs_shapes(cfg: SynthConfig, sd: Mapping[str, np.ndarray], wher
         if shp is not None and len(shp) > dim and shp[dim] != want:
             shown = want // 2 if field == "inter_channels" else want
             raise DetectionError(f"{where}[{idx[field]}] {field} = {shown} does not match {key} {shp}")
+    # The entries no tensor width shows are counted from the keys, so a config can never
+    # make the build trace a model the file does not hold (n_layers = 10**9 would hang).
+    n_attn = len(_indices(sd, "enc_p.encoder.attn_layers."))
+    if n_attn and n_attn != cfg.n_layers:
+        raise DetectionError(f"{where}[{idx['n_layers']}] n_layers = {cfg.n_layers} does not match the file's "
+                             f"{n_attn} enc_p.encoder.attn_layers.*")
+    rel = _shape(sd, "enc_p.encoder.attn_layers.0.emb_rel_k")
+    if rel is not None and len(rel) == 3 and rel[-1] * cfg.n_heads != cfg.hidden_channels:
+        raise DetectionError(f"{where}[{idx['n_heads']}] n_heads = {cfg.n_heads} does not match "
+                             f"enc_p.encoder.attn_layers.0.emb_rel_k {rel} (hidden_channels / n_heads per head)")
+    ffn = _shape(sd, "enc_p.encoder.ffn_layers.0.conv_1.weight")
+    if ffn is not None and len(ffn) == 3 and ffn[-1] != cfg.kernel_size:
+        raise DetectionError(f"{where}[{idx['kernel_size']}] kernel_size = {cfg.kernel_size} does not match "
+                             f"enc_p.encoder.ffn_layers.0.conv_1.weight {ffn}")
+    n_rb = len(_indices(sd, "dec.resblocks."))
+    nk = len(cfg.resblock_kernel_sizes)
+    if n_rb != nk * len(cfg.upsample_rates):
+        raise DetectionError(f"{where}[{idx['resblock_kernel_sizes']}] resblock_kernel_sizes = "
+                             f"{list(cfg.resblock_kernel_sizes)} gives {nk} resblocks per upsampler "
+                             f"({nk * len(cfg.upsample_rates)} in all) but the file has {n_rb} dec.resblocks.*")
+    convs = "convs1" if cfg.resblock == "1" else "convs"
+    for j in range(n_rb):
+        n_convs = len(_indices(sd, f"dec.resblocks.{j}.{convs}."))
+        want = len(cfg.resblock_dilation_sizes[j % nk]) if cfg.resblock == "1" else 2
+        if n_convs != want:
+            field = "resblock_dilation_sizes" if n_convs else "resblock"
+            raise DetectionError(f"{where}[{idx[field]}] {field} = {getattr(cfg, field)!r} does not match "
+                                 f"dec.resblocks.{j} ({n_convs} {convs}.* layers, expected {want})")
+        k = _first_shape(sd, f"dec.resblocks.{j}.{convs}.0")
+        if k is not None and k[-1] != cfg.resblock_kernel_sizes[j % nk]:
+            raise DetectionError(f"{where}[{idx['resblock_kernel_sizes']}] resblock_kernel_sizes = "
+                                 f"{list(cfg.resblock_kernel_sizes)} does not match dec.resblocks.{j}.{convs}.0 "
+                                 f"(kernel size {k[-1]})")
     ups = _ups_kernels(sd)
     if ups != tuple(cfg.upsample_kernel_sizes):
         raise DetectionError(f"{where}[{idx['upsample_kernel_sizes']}] upsample_kernel_sizes = "
@@ -323,6 +395,9 @@ class RVCFamily(Family):
         if len(emb_g) != 2:
             raise DetectionError(f"emb_g.weight has shape {emb_g}; expected [n_speakers, gin_channels]")
         n_speakers = emb_g[0]
+        if n_speakers < 1 or emb_g[1] < 1:
+            raise DetectionError(f"emb_g.weight has shape {emb_g}: a model needs at least one speaker "
+                                 f"(n_speakers = {emb_g[0]}) and gin_channels > 0")
         claimed_sr = _claimed_sr(claims["sr"]) if "sr" in claims else None
 
         if layout == "inference":
@@ -335,6 +410,7 @@ class RVCFamily(Family):
                 raise DetectionError(f"key 'config' is not a valid RVC config list: {e}") from None
             cfg = cfg.replace(spk_embed_dim=n_speakers)  # RVC: config[-3] = emb_g rows
             _check_config_vs_shapes(cfg, sd, "config")
+            check_config_rate(cfg, version, "config")
             if claimed_sr is not None and claimed_sr != cfg.sr:
                 raise DetectionError(f"key 'sr' says {claims['sr']!r} but config[17] sr is {raw[17]!r}")
         else:

@@ -19,6 +19,7 @@ are not part of the model and stay float32.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Sequence
 
 import jax
@@ -72,18 +73,71 @@ class SynthConfig:
 
     @classmethod
     def from_list(cls, config: Sequence[Any]) -> "SynthConfig":
-        """From RVC's 18-element list (``sr`` may be an int or ``"40k"``)."""
+        """From RVC's 18-element list (``sr`` may be an int or ``"40k"``), every entry
+        checked: a bad value raises :class:`ValueError` naming ``config[i] field``."""
+        if isinstance(config, (str, bytes)) or not isinstance(config, Sequence):
+            raise ValueError(f"RVC config must be an 18-entry list, got {type(config).__name__}")
         if len(config) != 18:
             raise ValueError(f"RVC config list must have 18 entries, got {len(config)}")
         from ..families.rvc import parse_sr  # RVC's rate names ("40k") belong to the family
 
-        vals = dict(zip(cls.FIELDS, config))
-        vals["sr"] = parse_sr(vals["sr"])
-        vals["resblock"] = str(vals["resblock"])
-        vals["p_dropout"] = float(vals["p_dropout"])
-        for k in ("resblock_kernel_sizes", "upsample_rates", "upsample_kernel_sizes"):
-            vals[k] = tuple(int(v) for v in vals[k])
-        vals["resblock_dilation_sizes"] = tuple(tuple(int(x) for x in d) for d in vals["resblock_dilation_sizes"])
+        idx = {f: i for i, f in enumerate(cls.FIELDS)}
+        raw = dict(zip(cls.FIELDS, config))
+
+        def bad(field, want):
+            return ValueError(f"config[{idx[field]}] {field} = {raw[field]!r}: expected {want}")
+
+        def pos_int(field, v=None, *, want="a positive integer"):
+            v = raw[field] if v is None else v
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise bad(field, want)
+            return int(v)
+
+        def int_list(field, *, n=None):
+            v = raw[field]
+            want = f"a non-empty list of positive integers{f' ({n} entries)' if n else ''}"
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v or (n and len(v) != n):
+                raise bad(field, want)
+            return tuple(pos_int(field, x, want=want) for x in v)
+
+        vals = {f: pos_int(f) for f in ("spec_channels", "segment_size", "inter_channels", "hidden_channels",
+                                        "filter_channels", "n_heads", "n_layers", "kernel_size",
+                                        "upsample_initial_channel", "spk_embed_dim", "gin_channels")}
+        if vals["hidden_channels"] % vals["n_heads"]:
+            raise bad("n_heads", f"a divisor of hidden_channels ({vals['hidden_channels']})")
+        p = raw["p_dropout"]
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (0.0 <= float(p) < 1.0):
+            raise bad("p_dropout", "a number in [0, 1)")  # NaN fails the comparison too
+        vals["p_dropout"] = float(p)
+        rb = raw["resblock"]
+        if isinstance(rb, bool) or str(rb) not in ("1", "2"):
+            raise bad("resblock", "'1' or '2'")
+        vals["resblock"] = str(rb)
+        vals["resblock_kernel_sizes"] = int_list("resblock_kernel_sizes")
+        d = raw["resblock_dilation_sizes"]
+        n_dil = 3 if vals["resblock"] == "1" else 2  # ResBlock1 has 3 dilated convs, ResBlock2 2
+        want = (f"{len(vals['resblock_kernel_sizes'])} lists (one per resblock kernel size) of "
+                f"{n_dil}+ positive integers")
+        if (isinstance(d, (str, bytes)) or not isinstance(d, Sequence)
+                or len(d) != len(vals["resblock_kernel_sizes"])):
+            raise bad("resblock_dilation_sizes", want)
+        for x in d:
+            if isinstance(x, (str, bytes)) or not isinstance(x, Sequence) or len(x) < n_dil:
+                raise bad("resblock_dilation_sizes", want)
+        vals["resblock_dilation_sizes"] = tuple(tuple(pos_int("resblock_dilation_sizes", y, want=want) for y in x)
+                                                for x in d)
+        vals["upsample_rates"] = int_list("upsample_rates")
+        vals["upsample_kernel_sizes"] = int_list("upsample_kernel_sizes", n=len(vals["upsample_rates"]))
+        if vals["upsample_initial_channel"] >> len(vals["upsample_rates"]) < 1:
+            raise bad("upsample_initial_channel", f"at least 2**{len(vals['upsample_rates'])} (the channels "
+                                                  f"halve at each of the {len(vals['upsample_rates'])} upsamplers)")
+        try:
+            sr = parse_sr(raw["sr"]) if not isinstance(raw["sr"], bool) else None
+        except (TypeError, ValueError):
+            sr = None
+        if sr is None or sr <= 0:
+            raise bad("sr", "a sample rate such as 40000 or '40k'")
+        vals["sr"] = sr
         return cls(**vals)
 
     def to_list(self) -> list:
