@@ -105,6 +105,10 @@ def _config_for(ranks: Mapping[str, int], embeddings: Sequence[str], rank: int |
                       preset=None, train_embeddings=tuple(sorted(embeddings)))
 
 
+def _weights_file(ad: Adapter) -> str:
+    return os.path.join(ad.directory, ADAPTER_WEIGHTS) if ad.directory else "adapter"
+
+
 # ---------------------------------------------------------------------------------
 # Mixing
 # ---------------------------------------------------------------------------------
@@ -144,7 +148,10 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             kind = ad.kinds[path]
             cls = layer_kind(kind)
-            shape = cls.kernel_shape_of(a.shape, b.shape)
+            try:
+                shape = cls.kernel_shape_of(a.shape, b.shape)
+            except ValueError as e:
+                raise ValueError(f"{_weights_file(ad)}: {path.replace('/', '.')}: {e}") from None
             if path in shapes and shapes[path][:2] != (shape, kind):
                 raise ValueError(f"mix: {path.replace('/', '.')} is a {kind} {shape} in {ad.directory} but a "
                                  f"{shapes[path][1]} {shapes[path][0]} in {shapes[path][2]}")
@@ -472,6 +479,10 @@ def info(adapter: Adapter) -> str:
         a, b = layers[path]
         kind = adapter.kinds[path]
         cls = layer_kind(kind)
+        try:
+            kshape = cls.kernel_shape_of(np.shape(a), np.shape(b))
+        except ValueError as e:
+            raise ValueError(f"{_weights_file(adapter)}: {path.replace('/', '.')}: {e}") from None
         r = cls.rank_of(np.shape(a))
         s = c.scaling_for(path, r)
         n = float(np.linalg.norm(cls.delta(a, b, s, xp=np)))
@@ -479,7 +490,7 @@ def info(adapter: Adapter) -> str:
         total += size
         tn += n * n
         lines.append(f"{path.replace('/', '.'):<40} {kind:<15} "
-                     f"{str(list(cls.kernel_shape_of(np.shape(a), np.shape(b)))):<15} {r:>4} {s:>8.4g} {n:>10.4e} "
+                     f"{str(list(kshape)):<15} {r:>4} {s:>8.4g} {n:>10.4e} "
                      f"{size:>8,}")
     lines.append("-" * len(head))
     lines.append(f"low-rank modules: {len(layers)}   params: {total:,}   total |dW|_F: {np.sqrt(tn):.4e}")
