@@ -160,7 +160,7 @@ def _file_kinds(cfg: Mapping, params: Mapping, model, cpath: str) -> dict[str, s
             raise ValueError(f"{cpath}: layer_kinds: format_version {cfg['format_version']} needs a table")
         if set(kinds) != set(layers):
             odd = sorted(set(kinds) ^ set(layers))
-            raise ValueError(f"{cpath}: layer_kinds: the table and the weights disagree on {_dotted(odd[0])} "
+            raise ValueError(f"{cpath}: layer_kinds and the weights disagree on {_dotted(odd[0])} "
                              f"({len(odd)} layers)")
         for p, k in kinds.items():
             try:
@@ -345,8 +345,10 @@ def check_adapter_fits(model: nnx.Module, adapter: Adapter, *, source: str = "th
     the key (``source`` names the model)."""
     layers = dict(lora.iter_lora_layers(model))
     implied = {}
+    # a duck-typed adapter (any object with .params/.config/...) may carry no kinds
+    kinds = lora.resolve_kinds(adapter.params, getattr(adapter, "kinds", None))
     for path, (a, b) in lora.adapter_layers(adapter.params).items():
-        kind = adapter.kinds[path]
+        kind = kinds[path]
         if path in layers and layers[path].kind != kind:
             raise ValueError(f"{adapter.directory}: {_dotted(path)} is a {kind} in the adapter but a "
                              f"{layers[path].kind} in {source} (adapter made for another model?)")
