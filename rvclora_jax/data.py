@@ -58,7 +58,9 @@ import numpy as np
 from scipy.io import wavfile
 
 from .audio import MelConfig
-from .utterance import FEATURE_DIM, collate, cut, load_npy, pitch_file, repeat_features
+from .fileio import require_regular_file
+from .utterance import (FEATURE_DIM, collate, cut, load_coarse_pitch, load_f0, load_features,
+                        pitch_file, repeat_features)
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +156,11 @@ def _feature_dir(exp_dir: str, layout: Layout, version: str) -> str:
 
 def _wav_header(path: str) -> tuple[int, int, int]:
     """(sample rate, number of samples, channels) without reading the samples."""
+    require_regular_file(path, "wav file")
     try:
         rate, data = wavfile.read(path, mmap=True)
     except Exception as e:  # noqa: BLE001 - any parse failure is reported with the path
-        raise ValueError(f"cannot read wav {path}: {e}") from e
+        raise ValueError(f"{path}: cannot read wav ({e})") from None
     channels = 1 if data.ndim == 1 else data.shape[1]
     return int(rate), int(data.shape[0]), channels
 
@@ -168,10 +171,13 @@ def _check_item(wav, feature, pitch, pitchf, sid, *, sr, dim) -> Item:
         raise ValueError(f"{wav}: sample rate {rate} Hz, expected {sr} Hz")
     if channels != 1:
         raise ValueError(f"{wav}: {channels} channels, expected mono")
-    try:
-        feat = np.load(feature, mmap_mode="r")
+    require_regular_file(feature, "feature file")
+    try:  # the header only (mmap); the values are checked when the item is loaded
+        feat = np.load(feature, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read feature file {feature}: {e}") from e
+        raise ValueError(f"{feature}: cannot read feature file ({e or type(e).__name__})") from None
+    if not isinstance(feat, np.ndarray) or feat.dtype.names is not None or feat.dtype.kind != "f":
+        raise ValueError(f"{feature}: features have dtype {getattr(feat, 'dtype', '?')}, expected float")
     if feat.ndim != 2 or feat.shape[1] != dim:
         raise ValueError(f"{feature}: feature shape {tuple(feat.shape)}, expected [T, {dim}] "
                          f"for {next(v for v, d in FEATURE_DIM.items() if d == dim)}")
@@ -209,8 +215,12 @@ def _is_mute(path: str) -> bool:
 
 def _scan_filelist(exp_dir, filelist, *, f0, sr, dim, strict) -> list[Item]:
     items = []
-    with open(filelist, encoding="utf-8") as fh:
-        lines = [ln.strip() for ln in fh]
+    require_regular_file(filelist, "filelist", max_bytes=64 << 20)
+    try:
+        with open(filelist, encoding="utf-8") as fh:
+            lines = [ln.strip() for ln in fh]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{filelist}: not UTF-8 text ({e})") from None
     want = 5 if f0 else 3
     for lineno, line in enumerate(lines, 1):
         if not line:
@@ -290,8 +300,15 @@ def model_info(exp_dir: str) -> dict:
     path = os.path.join(exp_dir, "model_info.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    require_regular_file(path, "model info", max_bytes=16 << 20)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: must be a JSON object")
+    return info
 
 
 # --------------------------------------------------------------------------- loading
@@ -299,7 +316,11 @@ def model_info(exp_dir: str) -> dict:
 
 def read_wav(path: str, sr: int | None = None) -> np.ndarray:
     """Mono float32 samples; integer PCM is scaled to [-1, 1] (see module docs)."""
-    rate, data = wavfile.read(path)
+    require_regular_file(path, "wav file")
+    try:
+        rate, data = wavfile.read(path)
+    except Exception as e:  # noqa: BLE001 - any parse failure is reported with the path
+        raise ValueError(f"{path}: cannot read wav ({e})") from None
     if sr is not None and rate != sr:
         raise ValueError(f"{path}: sample rate {rate} Hz, expected {sr} Hz")
     if data.ndim != 1:
@@ -310,7 +331,12 @@ def read_wav(path: str, sr: int | None = None) -> np.ndarray:
         return (data.astype(np.float64) / 2147483648.0).astype(np.float32)
     if data.dtype == np.uint8:
         return (data.astype(np.float32) - 128.0) / 128.0
-    return data.astype(np.float32)
+    if data.dtype.kind != "f":
+        raise ValueError(f"{path}: {data.dtype} samples are not a supported PCM format")
+    out = data.astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{path}: samples contain NaN or inf")
+    return out
 
 
 _SPEC_FNS: dict = {}
@@ -325,7 +351,7 @@ def _spec_fn(mel: MelConfig):
 
 
 def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
-                 granule: int | None = None) -> list[np.ndarray]:
+                 granule: int | None = None, names: Sequence[str] | None = None) -> list[np.ndarray]:
     """RVC linear spectrograms ``[N // hop, n_fft//2+1]`` of whole waveforms, batched.
 
     Waveforms are grouped by padded length (multiples of ``granule`` samples, default
@@ -341,7 +367,8 @@ def spectrograms(wavs: Sequence[np.ndarray], sr: int, *, chunk: int = 8,
     groups: dict[int, list[int]] = {}
     for i, w in enumerate(wavs):
         if len(w) <= pad:
-            raise ValueError(f"waveform {i} has {len(w)} samples; the spectrogram needs more than {pad}")
+            what = names[i] if names is not None else f"waveform {i}"
+            raise ValueError(f"{what}: {len(w)} samples; the spectrogram needs more than {pad}")
         L = -(-(len(w) + pad + 1) // granule) * granule
         groups.setdefault(L, []).append(i)
     fn = _spec_fn(mel)
@@ -368,12 +395,14 @@ def _cache_path(cache_dir: str, item: Item, mel: MelConfig) -> str:
 
 def _utterance(item: Item, wave: np.ndarray, spec: np.ndarray, hop: int) -> dict:
     """RVC's ``TextAudioLoaderMultiNSFsid.get_audio_text_pair`` on loaded audio (see :func:`load_item`)."""
-    phone = repeat_features(load_npy(item.feature))
+    # The strict loaders check every value (finite, in range, dtype) and name the file:
+    # a NaN or an out-of-range pitch would otherwise train to NaN without a word.
+    phone = repeat_features(load_features(item.feature))
     n = min(phone.shape[0], MAX_FRAMES)
     utt = {"phone": phone[:n].astype(np.float32), "pitch": None, "pitchf": None}
     if item.pitch is not None:
-        utt["pitch"] = load_npy(item.pitch)[:n].astype(np.int32)
-        utt["pitchf"] = load_npy(item.pitchf)[:n].astype(np.float32)
+        utt["pitch"] = load_coarse_pitch(item.pitch)[:n]
+        utt["pitchf"] = load_f0(item.pitchf)[:n].astype(np.float32)
     utt.update(spec=spec, wave=wave, sid=item.sid)
     if n != spec.shape[0]:  # RVC cuts everything to the shorter only when they differ
         utt = cut(utt, min(n, spec.shape[0]), hop)
@@ -416,13 +445,15 @@ def load_items(items: Sequence[Item], sr: int | None = None, *,
     for i, p in enumerate(paths):
         if p and os.path.exists(p):
             try:
-                s = np.load(p)
-                if s.shape == (len(waves[i]) // mel.hop_length, mel.n_freq):
+                s = np.load(p, allow_pickle=False)
+                if (s.shape == (len(waves[i]) // mel.hop_length, mel.n_freq) and s.dtype == np.float32
+                        and np.all(np.isfinite(s))):
                     specs[i] = s
             except (OSError, ValueError):
                 pass
     todo = [i for i, s in enumerate(specs) if s is None]
-    for i, s in zip(todo, spectrograms([waves[i] for i in todo], mel.sampling_rate)):
+    for i, s in zip(todo, spectrograms([waves[i] for i in todo], mel.sampling_rate,
+                                       names=[items[i].wav for i in todo])):
         specs[i] = s
         if paths[i]:
             _save_quietly(paths[i], s)

@@ -54,11 +54,137 @@ PRESETS = RVC.lora_presets
 DEFAULT_PRESET = RVC.default_lora_preset
 
 
-def _freeze_pattern(p: Mapping[str, Any] | Iterable[tuple[str, Any]] | None) -> tuple[tuple[str, Any], ...]:
+def _freeze_pattern(p: Mapping[str, Any] | Iterable[tuple[str, Any]] | None, key: str) -> tuple[tuple[str, Any], ...]:
     if p is None:
         return ()
-    items = p.items() if isinstance(p, Mapping) else p
-    return tuple((str(k), v) for k, v in items)
+    if isinstance(p, (str, bytes)):
+        raise ValueError(f"{key}: must be an object of pattern -> value, got {type(p).__name__}")
+    try:
+        items = list(p.items() if isinstance(p, Mapping) else p)
+        pairs = tuple((k, v) for k, v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}: must be an object of pattern -> value, got {type(p).__name__}") from None
+    for k, _ in pairs:
+        if not isinstance(k, str):
+            raise ValueError(f"{key}: pattern {k!r} is not a string")
+    return pairs
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _str_tuple(x, key: str) -> tuple[str, ...]:
+    if isinstance(x, (str, bytes)) or not isinstance(x, (list, tuple)):
+        raise ValueError(f"{key}: must be a list of strings, got {type(x).__name__}")
+    for v in x:
+        if not isinstance(v, str):
+            raise ValueError(f"{key}: entry {v!r} is not a string")
+    return tuple(x)
+
+
+# Path patterns come from config files, i.e. untrusted input, and Python's ``re``
+# backtracks: ``(a+)+$`` takes exponential time. A pattern is accepted only if it cannot
+# backtrack badly (see LoRAConfig): at most MAX_PATTERN_CHARS characters, no
+# backreferences, no repeated group that itself holds a quantifier or an alternation,
+# and at most MAX_PATTERN_REPEATS repeating quantifiers along any one alternative; it
+# is only ever matched against module paths of at most MAX_PATH_CHARS characters.
+MAX_PATTERN_CHARS = 256
+MAX_PATTERN_REPEATS = 3
+MAX_PATH_CHARS = 128
+_QUANT = re.compile(r"(\*|\+|\?|\{(\d*)(,(\d*))?\})[?+]?")
+
+
+def check_path_pattern(pat: str) -> None:
+    """Raise ``ValueError`` unless ``pat`` is a path pattern that matches in bounded time
+    (the rule is in :class:`LoRAConfig`'s docstring)."""
+    if len(pat) > MAX_PATTERN_CHARS:
+        raise ValueError(f"pattern of {len(pat)} characters is longer than {MAX_PATTERN_CHARS}")
+    try:
+        re.compile(pat)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"invalid path pattern {pat!r}: {e}") from None
+    # frames: [repeats along the current alternative, max over finished alternatives,
+    #          holds a quantifier, holds an alternation]
+    stack = [[0, 0, False, False]]
+    i, n = 0, len(pat)
+
+    def quantifier(j: int):
+        m = _QUANT.match(pat, j)
+        if not m or (m.group(1).startswith("{") and not (m.group(2) or m.group(4))):
+            return None, j  # "{" without digits is a literal in re
+        q = m.group(1)
+        if q == "?":
+            repeating = False
+        elif q.startswith("{"):
+            hi = m.group(4) if m.group(3) else m.group(2)
+            repeating = hi == "" or int(hi) > 1
+        else:
+            repeating = True
+        return repeating, m.end()
+
+    while i < n:
+        c = pat[i]
+        atom_group = None
+        if c == "\\":
+            if i + 1 < n and pat[i + 1] in "123456789":
+                raise ValueError(f"pattern {pat!r}: backreferences are not allowed")
+            i += 2
+        elif c == "[":
+            j = i + 1
+            if j < n and pat[j] == "^":
+                j += 1
+            if j < n and pat[j] == "]":
+                j += 1
+            while j < n and pat[j] != "]":
+                j += 2 if pat[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            if pat.startswith("(?P=", i) or pat.startswith("(?(", i):
+                raise ValueError(f"pattern {pat!r}: backreferences are not allowed")
+            if pat.startswith("(?#", i):
+                i = pat.index(")", i) + 1
+                continue
+            stack.append([0, 0, False, False])
+            i += 1
+            continue
+        elif c == ")":
+            atom_group = stack.pop()
+            i += 1
+        elif c == "|":
+            top = stack[-1]
+            top[1], top[0], top[3] = max(top[1], top[0]), 0, True
+            i += 1
+            continue
+        else:
+            i += 1
+        repeating, i = quantifier(i)
+        top = stack[-1]
+        if atom_group is not None:
+            inner = max(atom_group[0], atom_group[1])
+            if repeating and (atom_group[2] or atom_group[3]):
+                raise ValueError(f"pattern {pat!r}: a repeated group may not contain a quantifier or "
+                                 f"an alternation (nested quantifiers backtrack exponentially)")
+            top[0] += inner
+            top[2] = top[2] or atom_group[2] or repeating is not None
+            top[3] = top[3] or atom_group[3]
+        elif repeating is not None:
+            top[2] = True
+        if repeating:
+            top[0] += 1
+        if top[0] > MAX_PATTERN_REPEATS:
+            raise ValueError(f"pattern {pat!r}: more than {MAX_PATTERN_REPEATS} repeating quantifiers "
+                             f"in a row (polynomial backtracking)")
+
+
+def _fullmatch(pat: str, path: str):
+    if len(path) > MAX_PATH_CHARS:
+        raise ValueError(f"module path of {len(path)} characters is longer than {MAX_PATH_CHARS}: {path[:40]}...")
+    return re.fullmatch(pat, path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +197,16 @@ class LoRAConfig:
     matching key wins. ``alpha`` defaults to ``rank`` (scaling 1), PEFT's habit.
     Without ``targets`` the config adapts what ``preset`` (default: the RVC family's
     default preset) targets.
+
+    Every field is checked on construction (a config file is untrusted input), errors
+    start with the field name: ``rank`` / ``rank_pattern`` values are ints ≥ 1 (not
+    bools), ``alpha`` / ``alpha_pattern`` values finite numbers, ``dropout`` in [0, 1),
+    ``use_rslora`` a bool, ``init`` ``"kaiming"`` or ``"gaussian"``, the pattern and
+    path lists lists of strings. Patterns must match in bounded time (Python's ``re``
+    backtracks): at most 256 characters, no backreferences, no repeated group holding a
+    quantifier or ``|`` (``(a+)+``, ``(a|aa)*``), at most 3 repeating quantifiers
+    (``*``, ``+``, ``{m,n}``) along any one alternative; and they are only matched
+    against module paths of at most 128 characters.
     """
 
     rank: int = 8
@@ -91,34 +227,46 @@ class LoRAConfig:
     train_embeddings: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ValueError(f"preset: must be a string or null, got {self.preset!r}")
         if self.targets is None:
             name = self.preset or DEFAULT_PRESET
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
             object.__setattr__(self, "preset", name)
             object.__setattr__(self, "targets", PRESETS[name][0])
-        object.__setattr__(self, "targets", tuple(self.targets))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        object.__setattr__(self, "train_embeddings", tuple(self.train_embeddings))
-        object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern))
+        object.__setattr__(self, "targets", _str_tuple(self.targets, "targets"))
+        object.__setattr__(self, "exclude", _str_tuple(self.exclude, "exclude"))
+        object.__setattr__(self, "train_embeddings", _str_tuple(self.train_embeddings, "train_embeddings"))
+        object.__setattr__(self, "rank_pattern", _freeze_pattern(self.rank_pattern, "rank_pattern"))
+        object.__setattr__(self, "alpha_pattern", _freeze_pattern(self.alpha_pattern, "alpha_pattern"))
+        if not _is_int(self.rank) or self.rank < 1:
+            raise ValueError(f"rank: must be a positive integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if not _is_number(self.alpha) or not np.isfinite(self.alpha):
+            raise ValueError(f"alpha: must be a finite number, got {self.alpha!r}")
         for k, r in self.rank_pattern:
-            if not isinstance(r, int) or r < 1:
-                raise ValueError(f"rank_pattern[{k!r}] must be a positive integer, got {r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            if not _is_int(r) or r < 1:
+                raise ValueError(f"rank_pattern: {k!r}: must be a positive integer, got {r!r}")
+        for k, a in self.alpha_pattern:
+            if not _is_number(a) or not np.isfinite(a):
+                raise ValueError(f"alpha_pattern: {k!r}: must be a finite number, got {a!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, (bool, np.bool_)):
+            raise ValueError(f"use_rslora: must be true or false, got {self.use_rslora!r}")
         if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        for pat in (*self.targets, *self.exclude, *(k for k, _ in self.rank_pattern),
-                    *(k for k, _ in self.alpha_pattern)):
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise ValueError(f"invalid path pattern {pat!r}: {e}") from None
+            raise ValueError(f"init: must be 'kaiming' or 'gaussian', got {self.init!r}")
+        for key, pats in (("targets", self.targets), ("exclude", self.exclude),
+                          ("rank_pattern", [k for k, _ in self.rank_pattern]),
+                          ("alpha_pattern", [k for k, _ in self.alpha_pattern])):
+            for pat in pats:
+                try:
+                    check_path_pattern(pat)
+                except ValueError as e:
+                    raise ValueError(f"{key}: {e}") from None
 
     @classmethod
     def from_preset(cls, name: str, *, family=RVC, **overrides) -> "LoRAConfig":
@@ -130,18 +278,18 @@ class LoRAConfig:
 
     def matches(self, path: str) -> bool:
         """Whether the module at ``path`` (``"dec/ups/0"``) should get an adapter."""
-        return (any(re.fullmatch(p, path) for p in self.targets)
-                and not any(re.fullmatch(p, path) for p in self.exclude))
+        return (any(_fullmatch(p, path) for p in self.targets)
+                and not any(_fullmatch(p, path) for p in self.exclude))
 
     def rank_for(self, path: str) -> int:
         for pat, r in self.rank_pattern:
-            if re.fullmatch(pat, path):
+            if _fullmatch(pat, path):
                 return int(r)
         return self.rank
 
     def alpha_for(self, path: str) -> float:
         for pat, a in self.alpha_pattern:
-            if re.fullmatch(pat, path):
+            if _fullmatch(pat, path):
                 return float(a)
         return float(self.alpha)
 
@@ -158,10 +306,17 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoRAConfig":
+        """The config of a ``to_dict`` mapping (as read from JSON), strictly: unknown keys
+        and values of the wrong type are errors starting with the key."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"must be an object of LoRA settings, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known, key=str)
         if unknown:
-            raise ValueError(f"unknown LoRA config keys: {', '.join(unknown)}")
+            raise ValueError(f"{unknown[0]}: unknown LoRA config keys: {', '.join(map(str, unknown))}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if key in d and not isinstance(d[key], Mapping):
+                raise ValueError(f"{key}: must be an object of pattern -> value, got {type(d[key]).__name__}")
         return cls(**dict(d))
 
 

@@ -38,7 +38,7 @@ from flax import nnx
 
 from .fileio import atomic_write
 from .models.synthesizer import INFER_NOISE_SCALE
-from .utterance import FEATURE_DIM, collate, load_npy, pitch_file, repeat_features, stem
+from .utterance import FEATURE_DIM, collate, load_f0, load_features, pitch_file, repeat_features, stem
 
 F0_MIN, F0_MAX = 50.0, 1100.0
 # frames at 100 fps. RVC's own files differ by up to 3: f0 has N//160 + 1 frames, HuBERT
@@ -254,8 +254,8 @@ def collect_inputs(model, features: str, f0: str | None, *, f0_up_key: float = 0
         for fn in files:
             name = stem(fn)
             fpath = os.path.join(features, fn)
-            f0_arr = load_npy(_f0_file(f0, name)) if f0 is not None else None
-            out.append(prepare_inputs(load_npy(fpath), f0_arr, f0_up_key=f0_up_key, model=model, name=name))
+            f0_arr = load_f0(_f0_file(f0, name)) if f0 is not None else None
+            out.append(prepare_inputs(load_features(fpath), f0_arr, f0_up_key=f0_up_key, model=model, name=name))
         names = [x["name"] for x in out]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -265,7 +265,7 @@ def collect_inputs(model, features: str, f0: str | None, *, f0_up_key: float = 0
         f0 = _f0_file(f0, stem(features))
     if f0 is not None and not os.path.exists(f0):
         raise FileNotFoundError(f"{f0}: no such f0 file")
-    return [prepare_inputs(load_npy(features), load_npy(f0) if f0 is not None else None,
+    return [prepare_inputs(load_features(features), load_f0(f0) if f0 is not None else None,
                            f0_up_key=f0_up_key, model=model, name=stem(features))]
 
 

@@ -16,6 +16,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .fileio import require_regular_file
+
 # Content-feature width per RVC version (v1: HuBERT 256-d, v2: ContentVec 768-d).
 FEATURE_DIM = {"v1": 256, "v2": 768}
 
@@ -53,12 +55,71 @@ def pitch_file(folder: str, name: str) -> str:
     return p
 
 
-def load_npy(path: str) -> np.ndarray:
-    """A ``.npy`` array (never a pickle); a bad file is a ``ValueError`` naming it."""
+def load_npy(path: str, what: str = "numpy array file") -> np.ndarray:
+    """A ``.npy`` array of real numbers (never a pickle); a bad file (not a regular file,
+    empty, truncated, an ``.npz``, a structured, string, object, bool or complex dtype, a
+    0-d array) is a ``ValueError`` naming it."""
+    require_regular_file(path, what)
     try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a numpy array file ({e})") from None
+        arr = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - EOFError (0 bytes), ValueError, OSError...: all name the file
+        raise ValueError(f"{path}: not a numpy array file ({e or type(e).__name__})") from None
+    if not isinstance(arr, np.ndarray):
+        if hasattr(arr, "close"):
+            arr.close()
+        raise ValueError(f"{path}: not a single .npy array (an .npz archive?)")
+    if arr.dtype.names is not None or arr.dtype.kind not in "fiu":
+        raise ValueError(f"{path}: dtype {arr.dtype} is not a real number array")
+    if arr.ndim == 0:
+        raise ValueError(f"{path}: a 0-d array, expected one value per frame")
+    return arr
+
+
+def load_features(path: str, dim: int | None = None) -> np.ndarray:
+    """Content features ``[T50, C]`` (float, finite, ``C == dim`` when given) from ``path``."""
+    feats = load_npy(path, "feature file")
+    if feats.dtype.kind != "f":
+        raise ValueError(f"{path}: features have dtype {feats.dtype}, expected float")
+    if feats.ndim != 2 or (dim is not None and feats.shape[1] != dim):
+        want = f"[T, {dim}]" if dim is not None else "[frames, dim]"
+        raise ValueError(f"{path}: feature shape {tuple(feats.shape)}, expected {want}")
+    if not np.all(np.isfinite(feats)):
+        raise ValueError(f"{path}: features contain NaN or inf")
+    return feats
+
+
+def _frames(arr: np.ndarray, path: str, what: str) -> np.ndarray:
+    if arr.ndim == 2 and 1 in arr.shape:
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: {what} must be one value per 10 ms frame, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def load_coarse_pitch(path: str) -> np.ndarray:
+    """RVC's coarse pitch (``2a_f0``, ``[T100]``): integer values in 1..255, as int32."""
+    arr = _frames(load_npy(path, "coarse pitch file"), path, "coarse pitch")
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.rint(arr)):
+            raise ValueError(f"{path}: coarse pitch must be integers 1..255 (RVC's 2a_f0), "
+                             f"found non-integer values")
+    if arr.size and (arr.min() < 1 or arr.max() > 255):
+        raise ValueError(f"{path}: coarse pitch must be in 1..255 (RVC's 2a_f0), "
+                         f"found {arr.min():g}..{arr.max():g}")
+    return arr.astype(np.int32)
+
+
+def load_f0(path: str) -> np.ndarray:
+    """f0 in Hz (``2b-f0nsf``, ``[T100]``): float, finite, ≥ 0 (0 = unvoiced)."""
+    arr = _frames(load_npy(path, "f0 file"), path, "f0")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{path}: f0 has dtype {arr.dtype}, expected float Hz (RVC's 2b-f0nsf; "
+                         f"an integer file is the coarse pitch 2a_f0)")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{path}: f0 contains NaN or inf")
+    if np.any(arr < 0):
+        raise ValueError(f"{path}: f0 contains negative values")
+    return arr
 
 
 def cut(utt: Mapping, n: int, hop: int | None = None) -> dict:
@@ -98,4 +159,5 @@ def collate(utts: Sequence[Mapping], T: int | None = None, *, hop: int | None = 
 
 
 __all__ = ["FEATURE_DIM", "FIELDS", "LENGTH_FIELDS", "repeat_features", "stem", "pitch_file", "load_npy",
+           "load_features", "load_coarse_pitch", "load_f0",
            "cut", "collate"]

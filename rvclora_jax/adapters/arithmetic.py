@@ -105,6 +105,10 @@ def _config_for(ranks: Mapping[str, int], embeddings: Sequence[str], rank: int |
                       preset=None, train_embeddings=tuple(sorted(embeddings)))
 
 
+def _weights_file(ad: Adapter) -> str:
+    return os.path.join(ad.directory, ADAPTER_WEIGHTS) if ad.directory else "adapter"
+
+
 # ---------------------------------------------------------------------------------
 # Mixing
 # ---------------------------------------------------------------------------------
@@ -119,11 +123,16 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
     model architectures (base fingerprint ``structure``) or disagree on a layer's kind
     or shape. The result (not saved: ``directory`` is ``""``) carries
     :func:`mixed_fingerprint` and ``metadata["mixed_from"]``."""
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    adapters, weights = list(adapters), list(weights)
     if not adapters:
         raise ValueError("mix: no adapters given")
     if len(adapters) != len(weights):
         raise ValueError(f"mix: {len(adapters)} adapters but {len(weights)} weights")
+    for ad, w in zip(adapters, weights):
+        ok = isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, (bool, np.bool_))
+        if not ok or not np.isfinite(float(w)):
+            raise ValueError(f"{ad.directory or 'adapter'}: mix weight {w!r} is not a finite number")
+    weights = [float(w) for w in weights]
     ref = next((ad for ad in adapters if ad.base_fingerprint.get("structure")), None)
     for ad in adapters:
         s = ad.base_fingerprint.get("structure")
@@ -139,13 +148,21 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             kind = ad.kinds[path]
             cls = layer_kind(kind)
-            shape = cls.kernel_shape_of(a.shape, b.shape)
+            try:
+                shape = cls.kernel_shape_of(a.shape, b.shape)
+            except ValueError as e:
+                raise ValueError(f"{_weights_file(ad)}: {path.replace('/', '.')}: {e}") from None
             if path in shapes and shapes[path][:2] != (shape, kind):
                 raise ValueError(f"mix: {path.replace('/', '.')} is a {kind} {shape} in {ad.directory} but a "
                                  f"{shapes[path][1]} {shapes[path][0]} in {shapes[path][2]}")
             shapes.setdefault(path, (shape, kind, ad.directory))
             s = ad.config.scaling_for(path, cls.rank_of(a.shape))
-            blocks.setdefault(path, []).append((a, w * s * b))
+            wb = w * s * b
+            if not (np.isfinite(s) and np.all(np.isfinite(a)) and np.all(np.isfinite(wb))
+                    and np.all(np.abs(wb) <= np.finfo(np.float32).max)):
+                raise ValueError(f"{ad.directory or 'adapter'}: mix: {path.replace('/', '.')} times weight {w:g} "
+                                 f"(scaling {s:g}) is not finite in float32")
+            blocks.setdefault(path, []).append((a, wb))
         for path, dv in lora.adapter_deltas(ad.params).items():
             dv = np.asarray(dv, np.float64)
             if path in deltas and deltas[path].shape != dv.shape:
@@ -164,6 +181,10 @@ def mix(adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
         ranks[path] = int(a.shape[a_axis])
     for path, dv in deltas.items():
         flat[f"{path}/{DELTA_KEY}"] = np.asarray(dv, np.float32)
+    for key, v in flat.items():  # never write a non-finite adapter (float32 overflow included)
+        if not np.all(np.isfinite(v)):
+            where = ", ".join(ad.directory or "adapter" for ad in adapters)
+            raise ValueError(f"{where}: mix: {key.replace('/', '.')} is not finite in float32 (weights {weights})")
     meta = {"mixed_from": [f"{ad.directory}:{w:g}" for ad, w in zip(adapters, weights)]}
     return Adapter(unflatten(flat), _config_for(ranks, list(deltas)), mixed_fingerprint(adapters), meta,
                    kinds=kinds)
@@ -458,6 +479,10 @@ def info(adapter: Adapter) -> str:
         a, b = layers[path]
         kind = adapter.kinds[path]
         cls = layer_kind(kind)
+        try:
+            kshape = cls.kernel_shape_of(np.shape(a), np.shape(b))
+        except ValueError as e:
+            raise ValueError(f"{_weights_file(adapter)}: {path.replace('/', '.')}: {e}") from None
         r = cls.rank_of(np.shape(a))
         s = c.scaling_for(path, r)
         n = float(np.linalg.norm(cls.delta(a, b, s, xp=np)))
@@ -465,7 +490,7 @@ def info(adapter: Adapter) -> str:
         total += size
         tn += n * n
         lines.append(f"{path.replace('/', '.'):<40} {kind:<15} "
-                     f"{str(list(cls.kernel_shape_of(np.shape(a), np.shape(b)))):<15} {r:>4} {s:>8.4g} {n:>10.4e} "
+                     f"{str(list(kshape)):<15} {r:>4} {s:>8.4g} {n:>10.4e} "
                      f"{size:>8,}")
     lines.append("-" * len(head))
     lines.append(f"low-rank modules: {len(layers)}   params: {total:,}   total |dW|_F: {np.sqrt(tn):.4e}")

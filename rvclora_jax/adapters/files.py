@@ -154,10 +154,10 @@ def resolve_adapter_path(path: str) -> str:
 def _file_kinds(cfg: Mapping, params: Mapping, model, cpath: str) -> dict[str, str] | None:
     """The layer kinds of a file: recorded (version 2), else the model's, else None (ndims)."""
     layers = lora.adapter_layers(params)
-    if int(cfg.get("format_version", 1)) >= 2:
+    if cfg.get("format_version", 1) >= 2:
         kinds = cfg.get("layer_kinds")
         if not isinstance(kinds, Mapping):
-            raise ValueError(f"{cpath}: format_version {cfg['format_version']} needs a 'layer_kinds' table")
+            raise ValueError(f"{cpath}: layer_kinds: format_version {cfg['format_version']} needs a table")
         if set(kinds) != set(layers):
             odd = sorted(set(kinds) ^ set(layers))
             raise ValueError(f"{cpath}: layer_kinds and the weights disagree on {_dotted(odd[0])} "
@@ -166,48 +166,172 @@ def _file_kinds(cfg: Mapping, params: Mapping, model, cpath: str) -> dict[str, s
             try:
                 layer_kind(k)
             except ValueError as e:
-                raise ValueError(f"{cpath}: {_dotted(p)}: {e}") from None
+                raise ValueError(f"{cpath}: layer_kinds: {_dotted(p)}: {e}") from None
         return dict(kinds)
     if model is None:
         return None
     # Version 1 with a model: the model's kinds where it has the layer; a layer the model
     # lacks keeps its ndim kind, so check_adapter_fits can name it.
     have = lora.layer_kinds(model)
-    legacy = lora.legacy_kinds(params)
-    return {p: have.get(p, legacy[p]) for p in layers}
+    try:
+        legacy = lora.legacy_kinds({p: {"lora_a": a, "lora_b": b} for p, (a, b) in layers.items() if p not in have})
+    except ValueError as e:
+        raise ValueError(f"{cpath}: {e}") from None
+    return {p: have[p] if p in have else legacy[p] for p in layers}
+
+
+# adapter_config.json is small; anything bigger is not one (and a FIFO is refused).
+MAX_CONFIG_BYTES = 16 << 20
+_TOP_KEYS = {"format", "format_version", "lora", "layer_kinds", "base_fingerprint", "metadata",
+             "rvclora_version"}
+
+
+def _read_config(cpath: str) -> dict:
+    """``adapter_config.json``, its top-level schema checked; errors ``<file>: <key>: ...``."""
+    from ..fileio import require_regular_file
+
+    require_regular_file(cpath, "adapter config", max_bytes=MAX_CONFIG_BYTES)
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cpath}: must be a JSON object, got {type(cfg).__name__}")
+    if cfg.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{cpath}: format: not an rvclora adapter config (format={cfg.get('format')!r})")
+    version = cfg.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{cpath}: format_version: must be a positive integer, got {version!r}")
+    if version > ADAPTER_FORMAT_VERSION:
+        raise ValueError(f"{cpath}: format_version {version} is newer than this rvclora "
+                         f"supports ({ADAPTER_FORMAT_VERSION}); upgrade rvclora-jax")
+    unknown = sorted(set(cfg) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{cpath}: {unknown[0]}: unknown key ({len(unknown)} unknown keys)")
+    if "lora" not in cfg:
+        raise ValueError(f"{cpath}: lora: missing (the LoRA settings)")
+    if version >= 2 and "layer_kinds" not in cfg:
+        raise ValueError(f"{cpath}: layer_kinds: format_version {version} needs a 'layer_kinds' table")
+    if "layer_kinds" in cfg:
+        kinds = cfg["layer_kinds"]
+        if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
+            raise ValueError(f"{cpath}: layer_kinds: must be an object of layer path -> kind name")
+    for key in ("base_fingerprint", "metadata"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise ValueError(f"{cpath}: {key}: must be an object, got {type(cfg[key]).__name__}")
+    if not all(isinstance(v, str) for v in cfg.get("base_fingerprint", {}).values()):
+        raise ValueError(f"{cpath}: base_fingerprint: values must be strings")
+    if not isinstance(cfg.get("rvclora_version", ""), str):
+        raise ValueError(f"{cpath}: rvclora_version: must be a string")
+    try:
+        cfg["lora"] = LoRAConfig.from_dict(cfg["lora"])
+    except ValueError as e:
+        raise ValueError(f"{cpath}: lora: {e}") from None
+    return cfg
+
+
+def _read_tensors(wpath: str) -> dict[str, np.ndarray]:
+    """The tensors of ``adapter.safetensors`` by layer path: real floating point, at
+    least 1-d, finite, and no two names for one layer; errors name the tensor."""
+    from safetensors import safe_open
+
+    from ..fileio import require_regular_file
+
+    require_regular_file(wpath, "adapter weights")
+    # safetensors checks the header's offsets against the file size before reading;
+    # the dtype is checked on the header, before a value is converted.
+    try:
+        with safe_open(wpath, framework="numpy") as f:
+            names = list(f.keys())
+            for k in names:
+                dt = f.get_slice(k).get_dtype()
+                if dt not in ("F16", "BF16", "F32", "F64"):
+                    raise ValueError(f"{wpath}: tensor {k}: dtype {dt} is not floating point "
+                                     f"(adapter factors are float; refusing to cast)")
+            tensors = {k: f.get_tensor(k) for k in names}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{wpath}: cannot read safetensors file ({e})") from None
+    if not tensors:
+        raise ValueError(f"{wpath}: the adapter holds no tensors")
+    flat, spelled = {}, {}
+    for k, v in tensors.items():
+        parts = k.split(".")
+        if len(k) > lora.MAX_PATH_CHARS or not all(parts) or len(parts) < 2:
+            raise ValueError(f"{wpath}: tensor name {k[:60]!r} is not a dotted layer path")
+        # a layer path has one spelling: dec.ups.00 and dec.ups.0 would land on one layer
+        canon = "/".join(str(int(x)) if x.isdigit() else x for x in parts)
+        if canon in spelled:
+            raise ValueError(f"{wpath}: tensors {spelled[canon]} and {k} name the same layer "
+                             f"(index spelled two ways)")
+        if canon != "/".join(parts):
+            raise ValueError(f"{wpath}: tensor {k}: layer index with leading zeros (write "
+                             f"{canon.replace('/', '.')})")
+        spelled[canon] = k
+        v = np.asarray(v)
+        if v.ndim < 1 or v.size == 0:
+            raise ValueError(f"{wpath}: tensor {k}: shape {tuple(v.shape)} is not a factor or delta")
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{wpath}: tensor {k} contains NaN or inf")
+        flat[canon] = v
+    for canon, k in spelled.items():  # a tensor cannot also be a layer holding tensors
+        parts = canon.split("/")
+        for j in range(1, len(parts)):
+            if "/".join(parts[:j]) in spelled:
+                raise ValueError(f"{wpath}: tensor {k} is nested inside tensor {spelled['/'.join(parts[:j])]}")
+    return flat
 
 
 def load_adapter(path: str, *, model: nnx.Module | None = None) -> Adapter:
     """Read an adapter directory (or its ``adapter.safetensors``). ``model`` is consulted
-    only for version-1 files, which did not record the layer kinds."""
-    from safetensors.numpy import load_file
+    only for version-1 files, which did not record the layer kinds.
 
+    Both files are untrusted input and are checked in full here (the one strict reader):
+    the config's schema (:meth:`LoRAConfig.from_dict` for ``lora``), and every tensor
+    (floating point, finite, at least 1-d, one spelling per layer, factor pairs whose
+    scalings); every error names the file and key. Whether the factor shapes fit a
+    layer is checked against the model it is applied to (:func:`check_adapter_fits`)."""
     d = resolve_adapter_path(path)
     cpath, wpath = os.path.join(d, ADAPTER_CONFIG), os.path.join(d, ADAPTER_WEIGHTS)
     for p in (cpath, wpath):
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p}: missing (an adapter directory holds {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
+    cfg = _read_config(cpath)
+    config = cfg["lora"]
+    flat = _read_tensors(wpath)
     try:
-        with open(cpath) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cpath}: not valid JSON ({e})") from None
-    if cfg.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{cpath}: not an rvclora adapter config (format={cfg.get('format')!r})")
-    if int(cfg.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise ValueError(f"{cpath}: format_version {cfg['format_version']} is newer than this rvclora "
-                         f"supports ({ADAPTER_FORMAT_VERSION}); upgrade rvclora-jax")
-    config = LoRAConfig.from_dict(cfg["lora"])
-    try:
-        tensors = load_file(wpath)
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{wpath}: cannot read safetensors file ({e})") from None
-    flat = {k.replace(".", "/"): v for k, v in tensors.items()}
-    for k, v in flat.items():
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"{wpath}: tensor {_dotted(k)} contains NaN or inf")
-    params = unflatten(flat)
+        params = unflatten(flat)
+        layers = lora.adapter_layers(params)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:  # names that do not form a tree
+        raise ValueError(f"{wpath}: tensor names do not form layer paths ({e})") from None
     kinds = _file_kinds(cfg, params, model, cpath)
+    if kinds is None:
+        try:
+            kinds = lora.legacy_kinds(params)
+        except ValueError as e:
+            raise ValueError(f"{wpath}: {e}") from None
+    for p, (a, b) in layers.items():
+        # The kernel shape the pair implies is checked against a model when the adapter is
+        # applied (check_adapter_fits, with the better message); here the rank it needs.
+        cls = layer_kind(kinds[p])
+        try:
+            r = cls.rank_of(np.shape(a))
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"{wpath}: {_dotted(p)}: {e}") from None
+        try:
+            s = config.scaling_for(p, r)
+        except (ValueError, ZeroDivisionError) as e:
+            raise ValueError(f"{cpath}: lora: {_dotted(p)}: {e}") from None
+        if not np.isfinite(s):
+            raise ValueError(f"{cpath}: lora: {_dotted(p)}: scaling {s} is not finite")
+    for p, dv in lora.adapter_deltas(params).items():
+        if np.ndim(dv) != 2:
+            raise ValueError(f"{wpath}: {_dotted(p)}.{DELTA_KEY}: shape {tuple(np.shape(dv))} is not a table delta")
+    if set(lora.adapter_deltas(params)) != set(config.train_embeddings):
+        raise ValueError(f"{cpath}: lora.train_embeddings {list(config.train_embeddings)} do not match the "
+                         f"embedding deltas of {wpath} {sorted(_dotted(p) for p in lora.adapter_deltas(params))}")
     return Adapter(params, config, dict(cfg.get("base_fingerprint", {})), dict(cfg.get("metadata", {})), d,
                    kinds)
 
@@ -221,8 +345,10 @@ def check_adapter_fits(model: nnx.Module, adapter: Adapter, *, source: str = "th
     the key (``source`` names the model)."""
     layers = dict(lora.iter_lora_layers(model))
     implied = {}
+    # a duck-typed adapter (any object with .params/.config/...) may carry no kinds
+    kinds = lora.resolve_kinds(adapter.params, getattr(adapter, "kinds", None))
     for path, (a, b) in lora.adapter_layers(adapter.params).items():
-        kind = adapter.kinds[path]
+        kind = kinds[path]
         if path in layers and layers[path].kind != kind:
             raise ValueError(f"{adapter.directory}: {_dotted(path)} is a {kind} in the adapter but a "
                              f"{layers[path].kind} in {source} (adapter made for another model?)")
@@ -248,6 +374,22 @@ def check_adapter_fits(model: nnx.Module, adapter: Adapter, *, source: str = "th
                              f"{source} has {want} (adapter made for another model?)")
         raise ValueError(f"{where}: {_dotted(parent(key))}.{DELTA_KEY} has shape {got}, "
                          f"the table of {source} is {want}")
+    # The other direction: the config is what apply_adapter injects, so every layer of
+    # the model it targets must have weights (a merge would silently leave it unchanged),
+    # and every stored layer must be one it targets.
+    config, have = adapter.config, lora.adapter_layers(adapter.params)
+    lacking = [p for p in layers if config.matches(p) and p not in have]
+    if lacking:
+        raise ValueError(f"{where}: adapter lacks weights for {_dotted(lacking[0])}, which its config targets "
+                         f"in {source} ({len(lacking)} such layers)")
+    untargeted = sorted(p for p in have if not config.matches(p))
+    if untargeted:
+        raise ValueError(f"{where}: adapter has weights for {_dotted(untargeted[0])}, which its config does "
+                         f"not target ({len(untargeted)} such layers)")
+    deltas = lora.adapter_deltas(adapter.params)
+    if set(deltas) != set(config.train_embeddings):
+        raise ValueError(f"{where}: embedding deltas {sorted(map(_dotted, deltas))} do not match the config's "
+                         f"train_embeddings {list(config.train_embeddings)}")
 
 
 def apply_adapter(model: nnx.Module, adapter: Adapter, *, rngs: nnx.Rngs | None = None,
