@@ -36,13 +36,14 @@ def main() -> None:
     from rvc.lib.infer_pack import models as rvc_models
 
     from rvclora_convert.state_dict import torch_to_flax
+    from rvclora_jax.families.rvc import RVC
     from rvclora_jax.models import synthesizer as S
     from rvclora_jax.params import load_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    cfg = S.preset(args.version, args.sr)
+    cfg = RVC.preset(args.version, args.sr)
     cls = rvc_models.SynthesizerTrnMs256NSFsid if args.version == "v1" else rvc_models.SynthesizerTrnMs768NSFsid
     torch.manual_seed(0)
     ref = cls(*cfg.to_list(), is_half=False).eval()

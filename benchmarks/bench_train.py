@@ -49,9 +49,9 @@ def run_torch(B, T, steps):
     from rvc.lib.train.losses import discriminator_loss, feature_loss, generator_loss, kl_loss
     from rvc.lib.train.mel_processing import mel_spectrogram_torch, spec_to_mel_torch, spectrogram_torch
 
-    from rvclora_jax.models.synthesizer import preset
+    from rvclora_jax.families.rvc import RVC
 
-    cfg = preset("v2", 40000).replace(segment_size=32)
+    cfg = RVC.preset("v2", 40000).replace(segment_size=32)
     torch.manual_seed(0)
     g = SynthesizerTrnMs768NSFsid(*cfg.to_list(), is_half=False).train()
     d = MultiPeriodDiscriminatorV2(False).train()
@@ -114,7 +114,7 @@ def run_jax(B, T, steps, rank):
     from rvclora_jax.models import synthesizer as S
     from rvclora_jax.train import TrainConfig, Trainer
 
-    g = S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0))
+    g = S.Synthesizer(RVC.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0))
     lora.inject(g, lora.LoRAConfig.from_preset("generator", rank=rank), rngs=nnx.Rngs(1))
     d = RVC.discriminator("v2", nnx.Rngs(2))
     tr = Trainer(g, d, TrainConfig(batch_size=B, segment_frames=32), steps_per_epoch=100)

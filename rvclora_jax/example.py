@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from . import adapters, lora
+from .families.rvc import RVC
 from .models import synthesizer as S
 
 
@@ -42,7 +43,7 @@ def run_example(out_dir: str, *, version: str = "v2", sr: int | str = 40000, pre
                 rank: int = 8, alpha: float | None = None, frames: int = 32, seed: int = 0,
                 log=print) -> ExampleResult:
     t0 = time.time()
-    cfg = S.preset(version, sr)
+    cfg = RVC.preset(version, sr)
     log(f"building RVC {version} {cfg.sr // 1000}k synthesizer with f0 (random weights, real architecture)")
     model = S.Synthesizer(cfg, version, True, rngs=nnx.Rngs(seed), with_enc_q=False)
     base = lora.partition(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[1]

@@ -21,10 +21,11 @@ from rvclora_jax import adapters as A
 from rvclora_jax import lora
 from rvclora_jax.cli import main
 from rvclora_jax.layers import Conv1d, ConvTranspose1d, Dense
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import randomize_
 
-NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+NARROW = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 
 

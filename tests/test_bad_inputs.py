@@ -20,7 +20,7 @@ from rvclora_jax.cli import main
 from rvclora_jax.models import synthesizer as S
 
 # RVC's exact v2 48k structure, narrow channels (as tests/test_export.py NARROW)
-NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+NARROW = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

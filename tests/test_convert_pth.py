@@ -16,15 +16,16 @@ from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_convert.pth import RVCFile, RVCFileError, load_rvc_file, to_flax
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
-from tests.no_init import requires_traceable_layers, spy_rvc_builds
+from tests.no_init import spy_rvc_builds
 from tests.torch_ref import assert_close, randomize_, t2j
 
 
 
 # A narrow model with RVC's exact v2 48k structure for the inference-model files (their
 # config list drives the build, so the width need not be a preset's).
-NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+NARROW = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 CLASSES = {("v1", True): rvc_models.SynthesizerTrnMs256NSFsid, ("v2", True): rvc_models.SynthesizerTrnMs768NSFsid,
            ("v1", False): rvc_models.SynthesizerTrnMs256NSFsid_nono,
@@ -102,7 +103,7 @@ def files(tmp_path_factory):
     """Full-size reference nets and the files written from them (built once per module)."""
     tmp = tmp_path_factory.mktemp("pth")
     out = {}
-    g40 = torch_g(S.preset("v2", 40000), "v2", True)
+    g40 = torch_g(RVC.preset("v2", 40000), "v2", True)
     # A G_*.pth training checkpoint with a real AdamW state after one step. The step comes
     # first so that every file written from g40 holds the same (stepped) weights.
     with torch.enable_grad():
@@ -118,10 +119,10 @@ def files(tmp_path_factory):
     del opt
     out["base_v2_40k_f0"] = save(tmp, "f0G40k.pth", {"model": g40.state_dict()})
     out["base_v1_32k_f0"] = save(tmp, "v1_f0G32k.pth",
-                                 {"model": torch_g(S.preset("v1", 32000), "v1", True, 1, False).state_dict()})
+                                 {"model": torch_g(RVC.preset("v1", 32000), "v1", True, 1, False).state_dict()})
     out["base_v2_48k_nono"] = save(tmp, "G48k.pth",
-                                   {"model": torch_g(S.preset("v2", 48000), "v2", False, 2, False).state_dict()})
-    out["inference_full"] = save(tmp, "voice40k.pth", rvc_inference(g40, S.preset("v2", 40000)))
+                                   {"model": torch_g(RVC.preset("v2", 48000), "v2", False, 2, False).state_dict()})
+    out["inference_full"] = save(tmp, "voice40k.pth", rvc_inference(g40, RVC.preset("v2", 40000)))
     # MultiPeriodDiscriminatorV2 = MultiPeriodDiscriminator + periods 23, 37 (indices 7, 8), and a
     # DiscriminatorP's weights do not depend on its period: the v1 D is the v2 one minus those two.
     dv2 = rvc_models.MultiPeriodDiscriminatorV2(False).state_dict()
@@ -154,7 +155,7 @@ def test_detect_pretrained_base_generators(files, name, version, sr, f0, n_keys)
     f = load_rvc_file(files[name])
     assert isinstance(f, RVCFile)
     assert (f.layout, f.kind, f.version, f.sr, f.f0) == ("base", "generator", version, sr, f0)
-    assert f.config == S.preset(version, sr).replace(spk_embed_dim=109)
+    assert f.config == RVC.preset(version, sr).replace(spk_embed_dim=109)
     assert f.has_enc_q and not f.has_optimizer and f.n_speakers == 109
     assert len(f.state_dict) == n_keys and f.dtype == "float32" and f.weight_norm_style == "legacy"
     assert f.metadata == {}
@@ -237,7 +238,7 @@ def base_flax(files):
 def fp16_reference(files, tmp_path_factory):
     """RVC's own loading of a small model: fp16 weights upcast to fp32, enc_q deleted, strict=False."""
     tmp = tmp_path_factory.mktemp("fp16")
-    net, cfg = files["g40_net"], S.preset("v2", 40000)
+    net, cfg = files["g40_net"], RVC.preset("v2", 40000)
     ref = CLASSES[("v2", True)](*cfg.to_list(), is_half=False).eval()
     del ref.enc_q
     missing, unexpected = ref.load_state_dict({k: v.float() for k, v in small_weight(net).items()}, strict=False)
@@ -278,7 +279,6 @@ def test_training_checkpoint_to_flax_equals_base(files, base_flax):
 # ----------------------------------------------------------------------------- no random init
 
 
-@requires_traceable_layers
 def test_conversion_never_initialises_at_random(narrow, monkeypatch):
     # A spec no other test converts: structures are cached per spec.
     cfg = NARROW.replace(gin_channels=12)

@@ -24,6 +24,7 @@ import torch
 
 from rvclora_jax import initializers
 from rvclora_jax.layers import Conv1d, ConvTranspose1d, Dense, Embed
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.models.discriminators import MultiPeriodDiscriminator
 from rvclora_jax.models.generator import SOURCE_DTYPE, sine_source
@@ -31,7 +32,7 @@ from rvclora_jax.models.generator import SOURCE_DTYPE, sine_source
 BF16, F32 = jnp.bfloat16, jnp.float32
 # Every submodule kind, few and narrow layers (two upsamplers, one resblock kernel), so the
 # float32 and bfloat16 forwards compile in seconds.
-TINY = S.preset("v2", 40000).replace(inter_channels=16, hidden_channels=32, filter_channels=64, n_heads=2,
+TINY = RVC.preset("v2", 40000).replace(inter_channels=16, hidden_channels=32, filter_channels=64, n_heads=2,
                                      n_layers=2, upsample_initial_channel=32, gin_channels=8,
                                      spk_embed_dim=3, spec_channels=33, upsample_rates=(4, 2),
                                      upsample_kernel_sizes=(8, 4), resblock_kernel_sizes=(3,),
@@ -175,7 +176,7 @@ def test_sine_source_stays_fp32():
 # nnx.eval_shape: the full model's structure without drawing a weight
 # --------------------------------------------------------------------------------------
 def test_eval_shape_of_the_full_model():
-    abstract = nnx.eval_shape(lambda: S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: S.Synthesizer(RVC.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0)))
     leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
     assert leaves and all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves)
     p = nnx.state(abstract, nnx.Param)

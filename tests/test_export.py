@@ -15,9 +15,10 @@ from rvc.lib.train import utils as rvc_train_utils
 from rvclora_convert import export as E
 from rvclora_jax import adapters, lora
 from rvclora_jax.cli import main
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.train import TrainConfig
-from tests.no_init import requires_traceable_layers, spy_rvc_builds
+from tests.no_init import spy_rvc_builds
 from tests.torch_ref import assert_close, randomize_
 
 CLASSES = {
@@ -73,7 +74,7 @@ ROUND_TRIPS = [
 
 @pytest.mark.parametrize("layout,version,f0,sr,applio", ROUND_TRIPS)
 def test_convert_export_round_trip_is_exact(tmp_path, layout, version, f0, sr, applio):
-    cfg = S.preset(version, sr)
+    cfg = RVC.preset(version, sr)
     ref = _torch_g(version, f0, cfg)
     src_path = str(tmp_path / "in.pth")
     ckpt = _write(src_path, layout, ref, cfg, version, f0, applio)
@@ -109,7 +110,7 @@ def test_discriminator_round_trip(tmp_path):
 
 
 # A narrow model with RVC's exact structure (v2 48k schedule, f0), as an inference file.
-NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+NARROW = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 
 
@@ -170,7 +171,7 @@ def test_merged_inference_export_loads_strictly_in_rvc_and_matches_jax(tmp_path)
 
 
 def test_train_checkpoint_export_loads_with_rvc_load_checkpoint(tmp_path):
-    cfg = S.preset("v2", 40000)
+    cfg = RVC.preset("v2", 40000)
     ref = _torch_g("v2", True, cfg)
     src_path = str(tmp_path / "f0G40k.pth")
     _write(src_path, "base", ref, cfg)
@@ -214,7 +215,6 @@ def test_export_merges_an_adapter_object_like_its_directory(tmp_path):
     assert changed  # the adapter did change the model
 
 
-@requires_traceable_layers
 def test_convert_and_load_directory_never_initialise_at_random(tmp_path, monkeypatch):
     cfg = NARROW.replace(gin_channels=12, spk_embed_dim=3)  # a spec no other test uses (cached per spec)
     src_path = str(tmp_path / "voice.pth")

@@ -11,6 +11,7 @@ from rvc.lib.infer_pack import models as rvc_models
 from rvclora_convert.state_dict import flax_to_torch, torch_to_flax
 from rvclora_jax import adapters as A
 from rvclora_jax import lora
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from rvclora_jax.params import load_params
 from tests.torch_ref import assert_close, randomize_, state_dict_np, t2j
@@ -19,7 +20,7 @@ from tests.torch_ref import assert_close, randomize_, state_dict_np, t2j
 pytestmark = pytest.mark.usefixtures("no_torch_grad")
 
 # A narrow model with RVC's exact structure (v2 48k schedule, f0) keeps this fast.
-CFG = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+CFG = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                     upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 
 

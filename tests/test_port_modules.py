@@ -10,6 +10,7 @@ from rvc.lib.infer_pack import modules as rvc_modules
 
 from rvclora_jax.models import generator as G
 from rvclora_jax.models import modules as M
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, load_torch_into, randomize_, t2j
 
@@ -129,7 +130,7 @@ def _small(cfg: S.SynthConfig, channels=64) -> S.SynthConfig:
                                         ("v2", 32000), ("v2", 48000)])
 def test_generator_every_rate(version, sr, nsf):
     """Each rate's upsample schedule (5 or 4 stages, kernels 16..24), at reduced width."""
-    cfg = _small(S.preset(version, sr))
+    cfg = _small(RVC.preset(version, sr))
     torch.manual_seed(8)
     if nsf:
         ref = rvc_models.GeneratorNSF(*_gen_args(cfg), gin_channels=cfg.gin_channels, sr=sr, is_half=False)
@@ -155,7 +156,7 @@ def test_generator_every_rate(version, sr, nsf):
 
 def test_full_size_nsf_generator_v2_40k_jit():
     """The real v2 40k decoder (512 initial channels), under jax.jit."""
-    cfg = S.preset("v2", 40000)
+    cfg = RVC.preset("v2", 40000)
     torch.manual_seed(10)
     ref = randomize_(rvc_models.GeneratorNSF(*_gen_args(cfg), gin_channels=256, sr=40000, is_half=False))
     ours = load_torch_into(G.Generator(*_gen_args(cfg), gin_channels=256, nsf=True, sr=40000,

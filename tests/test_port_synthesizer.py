@@ -8,6 +8,7 @@ from flax import nnx
 from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_convert.state_dict import StateDictError, flax_to_torch, torch_to_flax
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, load_torch_into, randomize_, state_dict_np, t2j
 
@@ -49,7 +50,7 @@ SLOW = [(v, f, sr) for v in ("v1", "v2") for f in (True, False) for sr in (32000
 
 
 def _check_infer(version, f0, sr):
-    cfg = S.preset(version, sr)
+    cfg = RVC.preset(version, sr)
     ref, ours = _pair(version, f0, cfg)
     phone, lengths, pitch, pitchf, sid = _inputs(version)
     B, T = phone.shape[:2]
@@ -77,7 +78,7 @@ def _check_infer(version, f0, sr):
 
 
 def _check_train_forward(version, f0, sr):
-    cfg = S.preset(version, sr).replace(segment_size=8)  # frames
+    cfg = RVC.preset(version, sr).replace(segment_size=8)  # frames
     ref, ours = _pair(version, f0, cfg, seed=1)
     phone, lengths, pitch, pitchf, sid = _inputs(version, seed=1)
     B, T = phone.shape[:2]
@@ -134,7 +135,7 @@ def test_train_forward_matches_rvc_all_rates(version, f0, sr):
 @pytest.mark.parametrize("version,f0", list(CLASSES))
 def test_state_dict_keys_and_counts(version, f0):
     """Every RVC key maps (strict both ways) and parameter counts equal RVC's."""
-    cfg = S.preset(version, 40000)
+    cfg = RVC.preset(version, 40000)
     torch.manual_seed(0)
     ref = CLASSES[(version, f0)](*cfg.to_list(), is_half=False)
     ours = S.Synthesizer(cfg, version, f0, rngs=nnx.Rngs(0))
@@ -159,21 +160,21 @@ def test_state_dict_keys_and_counts(version, f0):
 
 
 def test_config_list_round_trip_and_presets():
-    cfg = S.preset("v2", "48k")
+    cfg = RVC.preset("v2", "48k")
     lst = cfg.to_list()
     assert len(lst) == 18 and lst[12] == [12, 10, 2, 2] and lst[14] == [24, 20, 4, 4]
     assert S.SynthConfig.from_list(lst) == cfg
     assert S.SynthConfig.from_list(lst[:17] + ["48k"]).sr == 48000
-    assert S.preset("v2", 40000) == S.preset("v1", "40000")  # RVC reuses v1/40k.json for v2
-    assert S.preset("v1", 32000).hop_length == 320 and S.preset("v2", 48000).hop_length == 480
+    assert RVC.preset("v2", 40000) == RVC.preset("v1", "40000")  # RVC reuses v1/40k.json for v2
+    assert RVC.preset("v1", 32000).hop_length == 320 and RVC.preset("v2", 48000).hop_length == 480
     with pytest.raises(ValueError):
-        S.preset("v3", 40000)
+        RVC.preset("v3", 40000)
     with pytest.raises(ValueError):
         S.SynthConfig.from_list(lst[:17])
 
 
 def test_inference_model_without_enc_q_is_strict():
-    cfg = S.preset("v2", 40000)
+    cfg = RVC.preset("v2", 40000)
     torch.manual_seed(0)
     ref = rvc_models.SynthesizerTrnMs768NSFsid(*cfg.to_list(), is_half=False)
     sd = {k: v for k, v in state_dict_np(ref).items() if not k.startswith("enc_q.")}

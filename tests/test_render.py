@@ -13,11 +13,12 @@ from rvc.lib.infer_pack import models as rvc_models
 
 from rvclora_jax import render as R
 from rvclora_jax.cli.render import load_model
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 from tests.torch_ref import assert_close, randomize_
 
 # RVC's exact v2 48k structure, narrow channels (as tests/test_export.py NARROW)
-NARROW = S.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+NARROW = RVC.preset("v2", 48000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                        upsample_initial_channel=64, gin_channels=8, spk_embed_dim=4)
 HOP = NARROW.hop_length
 

@@ -28,9 +28,10 @@ LR = 1e-3  # 10x RVC's default so that a few dozen test steps move the loss clea
 
 
 def narrow_config():
+    from rvclora_jax.families.rvc import RVC
     from rvclora_jax.models import synthesizer as S
 
-    return S.preset("v2", 40000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
+    return RVC.preset("v2", 40000).replace(inter_channels=16, hidden_channels=32, filter_channels=64,
                                          upsample_initial_channel=32, gin_channels=8, spk_embed_dim=2)
 
 

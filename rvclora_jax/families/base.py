@@ -51,10 +51,6 @@ def _dtype_key(d) -> str | None:
     return None if d is None else jnp.dtype(d).name
 
 
-def _abstract_leaf(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x
-
-
 class Family:
     """Base class of model families (see the module docstring for what a subclass adds)."""
 
@@ -100,16 +96,7 @@ class Family:
         return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # fresh Variables
 
     def _trace(self, spec, dtype, param_dtype) -> nnx.Module:
-        def make():
-            return self.build(spec, rngs=nnx.Rngs(0), **dtype_kwargs(dtype, param_dtype))
-        try:
-            return nnx.eval_shape(make)
-        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-            # compatibility: removed at merge. Layers whose initialisers draw with numpy from a
-            # concrete key cannot be traced (issue 10 §3 makes them jax initialisers); build
-            # once and keep only the structure.
-            graphdef, state = nnx.split(make())
-            return nnx.merge(graphdef, jax.tree.map(_abstract_leaf, state))
+        return nnx.eval_shape(lambda: self.build(spec, rngs=nnx.Rngs(0), **dtype_kwargs(dtype, param_dtype)))
 
     def materialize(self, spec: ModelSpec, params: Mapping, *, seed: int = 0, dtype=None,
                     param_dtype=None, source: str = "params") -> nnx.Module:
