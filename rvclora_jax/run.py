@@ -290,5 +290,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         plot_losses(metrics, png)
     if res.metrics:
         log(describe_metrics(res.metrics))
+    elif cfg.resume and not res.interrupted:
+        log(f"{cfg.run_dir}: the run had already finished at step {res.step}; nothing to train, "
+            f"its adapter and model are written again")
     return RunResult(step=res.step, interrupted=res.interrupted, metrics=res.metrics, summary=summary,
                      adapter=adapter, loss_png=png, batches=batches, trainer=trainer, val_items=val_items)
