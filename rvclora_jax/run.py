@@ -274,7 +274,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
                      keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
                      hooks=Hooks(on_step=on_step))
     trainer.load_into_models(res.state)
-    if validator is not None and res.step not in validated and res.step > 0:
+    # (a resumed run that had already finished trained no step: its final sample is logged already)
+    if validator is not None and res.step not in validated and res.step > res.start:
         validate(res.state, res.step)
     params = lora.unflatten({p: np.asarray(v) for p, v in
                              lora.flatten(nnx.to_pure_dict(nnx.state(g, lora.LoRAParam))).items()})

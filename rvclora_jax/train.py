@@ -308,6 +308,7 @@ class LoopResult:
     step: int
     interrupted: bool
     metrics: list[dict]
+    start: int = 0  # the step this call started (or resumed) from
 
 
 @dataclasses.dataclass
@@ -437,7 +438,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
         for sig, h in old.items():
             signal.signal(sig, h)
         ckpts.close()
-    return LoopResult(state, step, interrupted, logged)
+    return LoopResult(state, step, interrupted, logged, start)
 
 
 # Losses and the gradient norm every step reports: a non-finite one means the step's update

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"rvclora: error: out of memory ({' '.join(str(e).split()) or 'MemoryError'})", file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # always one line
         print(f"rvclora: error: {msg}", file=sys.stderr)

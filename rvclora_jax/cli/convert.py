@@ -18,6 +18,18 @@ def describe_source(src) -> str:
             + (f" {src.config.sr // 1000}k {'f0' if src.f0 else 'nof0'}" if src.config else ""))
 
 
+def _json_safe(x):
+    import math
+
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _cmd_inspect(args) -> int:
     require_torch()
     import json
@@ -33,7 +45,8 @@ def _cmd_inspect(args) -> int:
         "metadata": f.metadata,
     }
     if args.json:
-        print(json.dumps(info, default=str))
+        # Strict JSON: a NaN or infinite number in a file's config or metadata is printed as a string.
+        print(json.dumps(_json_safe(info), default=str, allow_nan=False))
         return 0
     w = max(len(k) for k in info)
     for k, v in info.items():
