@@ -85,7 +85,7 @@ def work(tmp_path):
     (["render", "base.pth", "--features", "feats.npy", "--f0", "f0.npy", "--out", "feats.npy", "--overwrite"],
      "feats.npy: is also an input"),
     (["render", "base.pth", "--features", "feats.npy", "--f0", "f0.npy", "--out", "f0.npy"], "f0.npy"),
-    (["adapters", "mix", "a:0.5", "--out", "a"], "a: is also an input"),
+    (["adapters", "mix", "a:0.5", "--out", "a"], "a: the output directory holds the input"),
     (["adapters", "mix", "a/adapter.safetensors:0.5", "--out", "a", "--overwrite"], "a: "),
     (["adapters", "mix", "a:0.5", "--out", ".", "--overwrite"], "holds the input"),
     (["adapters", "extract", "--base", "base.pth", "--voice", "base.pth", "--rank", "4", "--out", "a"],
@@ -107,6 +107,22 @@ def test_output_never_replaces_an_input_or_an_existing_output(capsys, work, argv
 def test_output_given_through_a_link_is_still_the_input(capsys, work):
     os.symlink(work / "base.pth", work / "link.pth")
     refused(capsys, work, ["export", "link.pth", "base.pth", "--overwrite"], names="is also an input")
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "base.pth", "a/model.pth", "--adapter", "a"],  # a new file inside the adapter (a RUN_DIR)
+    ["export", "base.pth", "a/model.pth", "--adapter", "a", "--overwrite"],
+    ["render", "base.pth", "--features", "feats.npy", "--f0", "f0.npy", "--out", "."],  # ./feats.wav
+    ["adapters", "mix", "a:0.5", "--out", "a/half"],
+], ids=" ".join)
+def test_the_guard_lets_outputs_beside_or_inside_inputs_through(capsys, work, argv):
+    """Not an input, not an existing output: the command goes on (and fails only on the
+    stand-in base or adapter, which are not real files)."""
+    if "--overwrite" in argv:
+        (work / "a" / "model.pth").write_bytes(b"the run's earlier export")
+    last = refused(capsys, work, argv, names="")
+    assert "input" not in last and "exists" not in last, last
+    assert not os.path.exists(work / "a" / "half")
 
 
 def test_existing_output_file_needs_overwrite(capsys, work):

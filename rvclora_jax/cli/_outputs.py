@@ -3,8 +3,8 @@ destroys what it reads, and never replaces an existing output unless ``--overwri
 
 Rules (paths compared after :func:`os.path.realpath`, so links and ``./x`` vs ``x`` agree):
 
-* an output is never an input, never contains an input (a directory about to be written
-  that holds the base it reads), and never is an existing path inside an input directory
+* an output is never an input, an output directory (filled, or with ``--overwrite``
+  replaced, as a whole) never holds an input, and an output is never an existing path inside an input directory
   (``--out RUN_DIR/adapter.safetensors`` while reading RUN_DIR) -- not even with
   ``--overwrite``: nothing the command reads may be replaced by what it writes;
 * an existing output file, or an existing non-empty output directory, is refused unless
@@ -72,9 +72,11 @@ class OutputGuard:
         for out, is_dir in outs:
             ro = _real(out)
             for p, ri, in_dir in real_in:
+                if is_dir is None:
+                    break  # a folder written into: only the files named in it can clash
                 if ro == ri:
                     raise ValueError(f"{out}: is also an input of this command; write the output elsewhere")
-                if is_dir is not False and _inside(ri, ro):
+                if is_dir and _inside(ri, ro):
                     raise ValueError(f"{out}: the output directory holds the input {p}; write the output "
                                      f"elsewhere")
                 if in_dir and _inside(ro, ri) and os.path.lexists(out):

@@ -38,7 +38,7 @@ def _adapter_inputs(path: str) -> list[str]:
     from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    return [path, d, os.path.join(d, ADAPTER_WEIGHTS), os.path.join(d, ADAPTER_CONFIG)]
+    return [os.path.join(d, ADAPTER_WEIGHTS), os.path.join(d, ADAPTER_CONFIG)]
 
 
 def _save(out: str, ad) -> None:

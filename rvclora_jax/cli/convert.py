@@ -59,13 +59,14 @@ def _cmd_inspect(args) -> int:
 
 
 def _adapter_inputs(adapter: str | None) -> list[str]:
-    """An adapter argument (a directory or its .safetensors) as the paths it reads."""
+    """An adapter argument (a directory or its .safetensors) as the files it reads (not the
+    directory: `export ... RUN/model.pth --adapter RUN --overwrite` re-exports a run)."""
     if not adapter:
         return []
     from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     d = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
-    return [adapter, os.path.join(d, ADAPTER_WEIGHTS), os.path.join(d, ADAPTER_CONFIG)]
+    return [os.path.join(d, ADAPTER_WEIGHTS), os.path.join(d, ADAPTER_CONFIG)]
 
 
 def _cmd_convert(args) -> int:

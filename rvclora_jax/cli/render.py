@@ -68,9 +68,10 @@ def _cmd_render(args) -> int:
             os.path.join(args.model, adapters.ADAPTER_CONFIG)):
         raise ValueError("--scale needs --adapter (or a RUN_DIR)")
     model_path, adapter = resolve_model(args.model, args.adapter)
-    inputs = [args.model, model_path, adapter, args.features, args.f0]
-    if adapter is not None and os.path.isdir(adapter):
-        inputs += [os.path.join(adapter, adapters.ADAPTER_WEIGHTS), os.path.join(adapter, adapters.ADAPTER_CONFIG)]
+    inputs = [model_path, args.features, args.f0]
+    if adapter is not None:  # its files, not its folder: a RUN_DIR may take new renders
+        d = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
+        inputs += [os.path.join(d, adapters.ADAPTER_WEIGHTS), os.path.join(d, adapters.ADAPTER_CONFIG)]
     folder = os.path.isdir(args.features)
     if folder:
         if os.path.exists(args.out) and not os.path.isdir(args.out):
