@@ -246,3 +246,62 @@ def test_outputs_honour_the_umask(tmp_path, capsys):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o750, p
     for f in ("adapter.safetensors", "adapter_config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "new" / "m" / f).st_mode) == 0o640, f
+
+
+# ------------------------------------------------------------------ class 5: the real train command (slow)
+
+
+@pytest.mark.slow
+def test_cli_train_ctrl_c_resume_finished_rerun_and_overwrite(tmp_path):
+    """Full-size `rvclora train --example` (several minutes on 2 cores): Ctrl-C after the
+    first periodic checkpoint exits 130 with the adapter and plot written; a plain rerun is
+    refused (byte-identical run); --resume finishes; --resume of the finished run re-exports
+    (exit 0, no duplicate log lines); --overwrite starts afresh."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = str(tmp_path / "RUN")
+    cmd = [sys.executable, "-m", "rvclora_jax.cli", "train", "--example", "--out", run, "--steps", "3",
+           "--batch-size", "1", "--segment-frames", "8", "--log-every", "1", "--save-every", "1", "--no-progress"]
+    metrics = os.path.join(run, "metrics.jsonl")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 900 and proc.poll() is None:
+            if os.path.exists(os.path.join(run, "checkpoints", "1")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "already exists" not in out, out
+    for name in ("adapter.safetensors", "adapter_config.json", "loss.png"):
+        assert os.path.exists(os.path.join(run, name)), (name, out)
+
+    def cli(*extra):
+        p = subprocess.run(cmd + list(extra), cwd=root, capture_output=True, text=True, timeout=900)
+        return p.returncode, p.stdout + p.stderr
+
+    before = _tree_hash(run)
+    rc, out = cli()
+    assert rc == 2 and "pass --overwrite" in out.strip().splitlines()[-1], out
+    assert _tree_hash(run) == before
+    rc, out = cli("--resume")
+    assert rc == 0, out
+    steps = [json.loads(line)["step"] for line in open(metrics) if '"mel"' in line]
+    assert steps == [1, 2, 3], steps
+    rc, out = cli("--resume")
+    assert rc == 0 and "already finished" in out, out
+    assert [json.loads(line)["step"] for line in open(metrics) if '"mel"' in line] == [1, 2, 3]
+    assert sum('"val_mel"' in line for line in open(metrics)) == len(
+        {json.loads(line)["step"] for line in open(metrics) if '"val_mel"' in line})
+    rc, out = cli("--overwrite", "--steps", "1")
+    assert rc == 0, out
+    assert [json.loads(line)["step"] for line in open(metrics) if '"mel"' in line] == [1]
