@@ -305,3 +305,23 @@ def test_cli_train_ctrl_c_resume_finished_rerun_and_overwrite(tmp_path):
     rc, out = cli("--overwrite", "--steps", "1")
     assert rc == 0, out
     assert [json.loads(line)["step"] for line in open(metrics) if '"mel"' in line] == [1]
+
+
+def test_apply_umask_gives_a_temporary_tree_the_modes_of_plain_files(tmp_path):
+    """fileio.apply_umask: for trees built in a mkdtemp (0700) by writers that create 0600
+    files (convert's directory), before they are renamed into place."""
+    import tempfile
+
+    from rvclora_jax.fileio import apply_umask
+
+    d = tempfile.mkdtemp(dir=tmp_path)
+    os.mkdir(os.path.join(d, "sub"), 0o700)
+    fd = os.open(os.path.join(d, "sub", "f"), os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+    old = os.umask(0o022)
+    try:
+        apply_umask(d)
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(os.stat(p).st_mode) for p in (d, os.path.join(d, "sub"), os.path.join(d, "sub", "f"))] \
+        == [0o755, 0o755, 0o644]
