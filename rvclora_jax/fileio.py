@@ -18,6 +18,22 @@ def _umask() -> int:
     return mask
 
 
+def apply_umask(path: str) -> str:
+    """Give ``path`` and everything below it the modes a plain ``open``/``mkdir`` would
+    have given them under the current umask (0777/0666 minus the umask). For trees built
+    in a ``tempfile.mkdtemp`` (0700) or by writers that create 0600 files, before they are
+    renamed into place."""
+    mask = _umask()
+    for d, dirs, files in os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), [], [path])]:
+        if os.path.isdir(path):
+            os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(d, f)
+            if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
+    return path
+
+
 def require_regular_file(path: str, what: str = "input file", *, max_bytes: int | None = None) -> str:
     """``path`` if it is an existing regular file of at most ``max_bytes``; otherwise a
     one-line error naming it. Inputs are untrusted: a FIFO or ``/dev/zero`` would be read

@@ -274,7 +274,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
                      keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
                      hooks=Hooks(on_step=on_step))
     trainer.load_into_models(res.state)
-    if validator is not None and res.step not in validated and res.step > 0:
+    # (a resumed run that had already finished trained no step: its final sample is logged already)
+    if validator is not None and res.step not in validated and res.step > res.start:
         validate(res.state, res.step)
     params = lora.unflatten({p: np.asarray(v) for p, v in
                              lora.flatten(nnx.to_pure_dict(nnx.state(g, lora.LoRAParam))).items()})
@@ -290,5 +291,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         plot_losses(metrics, png)
     if res.metrics:
         log(describe_metrics(res.metrics))
+    elif cfg.resume and not res.interrupted:
+        log(f"{cfg.run_dir}: the run had already finished at step {res.step}; nothing to train, "
+            f"its adapter and model are written again")
     return RunResult(step=res.step, interrupted=res.interrupted, metrics=res.metrics, summary=summary,
                      adapter=adapter, loss_png=png, batches=batches, trainer=trainer, val_items=val_items)

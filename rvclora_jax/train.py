@@ -308,6 +308,7 @@ class LoopResult:
     step: int
     interrupted: bool
     metrics: list[dict]
+    start: int = 0  # the step this call started (or resumed) from
 
 
 @dataclasses.dataclass
@@ -326,7 +327,11 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
 
     ``batches`` is a :class:`rvclora_jax.data.Batches` (``len()`` batches per epoch,
     ``iterate(epoch, start)``). Metrics go to ``run_dir/metrics.jsonl``. SIGINT/SIGTERM
-    (Ctrl-C) saves a checkpoint and returns with ``interrupted=True``. ``stop_at`` stops
+    (Ctrl-C) saves a checkpoint (or keeps the one just written at that step) and returns
+    with ``interrupted=True``; resuming a finished run returns its final state without a
+    step. ``resume`` with no checkpoint is an error (nothing to resume). A non-finite loss,
+    gradient norm or state stops the run with a ValueError naming the step, before that
+    state is saved: the last good checkpoint stays the latest. ``stop_at`` stops
     early at that step without a final save (for tests of resumption). ``hooks``: see
     :class:`Hooks`."""
     from .data import prefetch
@@ -347,7 +352,10 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
         start = int(meta["step"])
         _truncate_metrics(metrics_path, start)
     elif resume:
-        start = 0
+        # Restarting silently would append a second step 1.. to metrics.jsonl.
+        ckpts.close()
+        raise FileNotFoundError(f"{run_dir}: nothing to resume (no checkpoint in {ckpts.directory}); start a new "
+                                f"run without resume")
     else:
         if ckpts.latest_step() is not None:
             raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume to continue or use a new --out")
@@ -366,6 +374,14 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
             old[sig] = signal.signal(sig, _handler)
         except ValueError:  # not in the main thread
             pass
+
+    def save(state, step):
+        # The state just checked finite is the one saved; a step already saved (Ctrl-C right
+        # after a periodic checkpoint, the resume of a finished run) is that same state.
+        if ckpts.latest_step() == step:
+            return
+        _check_finite_state(state, step, ckpts.directory)
+        ckpts.save(state, meta_for(step))
 
     def meta_for(step):
         return {"step": step, "epoch": step // spe, "batch_in_epoch": step % spe, "seed": trainer.config.seed,
@@ -390,6 +406,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                         t0 = time.perf_counter()
                         state, m = trainer.step(state, batch)
                         step += 1
+                        _check_finite_losses(m, step, ckpts)
                         if step % log_every == 0 or step == total_steps or step == 1:
                             m = {k: float(v) for k, v in jax.device_get(m).items()}
                             rec = {"step": step, "epoch": epoch, **m, "step_time": time.perf_counter() - t0}
@@ -401,7 +418,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                         if bar is not None:
                             bar.update(1)
                         if step % save_every == 0 and step < total_steps:
-                            ckpts.save(state, meta_for(step))
+                            save(state, step)
                             if hooks.on_save:
                                 hooks.on_save(state, step)
                         if hooks.on_step:
@@ -412,16 +429,44 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                     break
         if stop["flag"]:
             interrupted = True
-            ckpts.save(state, meta_for(step))
+            save(state, step)
         elif stop_at is None or step >= total_steps:
-            ckpts.save(state, meta_for(step))
+            save(state, step)
     finally:
         if bar is not None:
             bar.close()
         for sig, h in old.items():
             signal.signal(sig, h)
         ckpts.close()
-    return LoopResult(state, step, interrupted, logged)
+    return LoopResult(state, step, interrupted, logged, start)
+
+
+# Losses and the gradient norm every step reports: a non-finite one means the step's update
+# (and so the state after it) is not to be trusted.
+_WATCHED = ("loss_g", "loss_d", "grad_norm_g")
+
+
+def _diverged(what: str, step: int, ckpts: Checkpoints) -> ValueError:
+    last = ckpts.latest_step()
+    kept = (f"the last good checkpoint, step {last}, is kept in {ckpts.directory}" if last is not None
+            else "no checkpoint was saved before it")
+    return ValueError(f"training diverged at step {step}: {what}; stopped without saving that state ({kept}); "
+                      f"try a lower --lr")
+
+
+def _check_finite_losses(metrics: dict, step: int, ckpts: Checkpoints) -> None:
+    vals = jax.device_get({k: metrics[k] for k in _WATCHED if k in metrics})
+    bad = [f"{k} is {float(v)}" for k, v in vals.items() if not np.isfinite(v)]
+    if bad:
+        raise _diverged(", ".join(bad), step, ckpts)
+
+
+def _check_finite_state(state: dict, step: int, directory: str) -> None:
+    for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+            raise ValueError(f"training diverged at step {step}: non-finite values in the state "
+                             f"{jax.tree_util.keystr(path)}; not saved to {directory}; try a lower --lr")
 
 
 def _truncate_metrics(path: str, step: int) -> None:

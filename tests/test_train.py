@@ -484,6 +484,77 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(trained, tmp_path):
         _assert_same_state(_leaves(res.state), trained["snaps"][RESUME_N], "SIGINT + resume")
 
 
+def test_ctrl_c_right_after_a_checkpoint_then_resume_then_resume_of_the_finished_run(trained, tmp_path):
+    """Issue 11: Ctrl-C just after a periodic checkpoint keeps that checkpoint (no "already
+    exists"), the resume equals the uninterrupted run, and resuming the finished run is a
+    no-op returning its final state (no step, no error, each step logged once)."""
+    trainer, batches, ref = trained["trainer"], trained["batches"], trained["snaps"][RESUME_N]
+    run_dir = str(tmp_path / "run")
+
+    def on_save(state, step):
+        if step == SAVE_EVERY:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler only sets its stop flag
+
+    kw = dict(total_steps=RESUME_N, run_dir=run_dir, save_every=SAVE_EVERY, keep=10, log_every=1, progress=False)
+    r1 = train_loop(trainer, batches, hooks=Hooks(on_save=on_save), **kw)
+    assert r1.interrupted and r1.step == SAVE_EVERY
+    ck = Checkpoints(os.path.join(run_dir, "checkpoints"))
+    assert ck.manager.all_steps() == [SAVE_EVERY]
+    ck.close()
+    r2 = train_loop(trainer, batches, resume=True, **kw)
+    assert r2.step == RESUME_N and not r2.interrupted
+    _assert_same_state(_leaves(r2.state), ref, "Ctrl-C after a checkpoint + resume")
+    r3 = train_loop(trainer, batches, resume=True, **kw)
+    assert r3.step == RESUME_N and not r3.interrupted and r3.metrics == []
+    _assert_same_state(_leaves(r3.state), ref, "resume of the finished run")
+    recs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == list(range(1, RESUME_N + 1))
+
+
+def test_resume_with_no_checkpoint_is_an_error_and_leaves_the_log(trained, tmp_path):
+    """SIGKILL before the first checkpoint: resume says there is nothing to resume (it used
+    to restart silently and log steps 1.. a second time)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "mel": 100.0}\n')
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train_loop(trained["trainer"], trained["batches"], total_steps=RESUME_N, run_dir=str(run_dir),
+                   progress=False, resume=True)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "mel": 100.0}\n'
+
+
+class _PoisonedAt:
+    """The example batches, with NaN audio in the batch of step ``step``."""
+
+    def __init__(self, batches, step: int):
+        self.batches, self.step = batches, step
+
+    def __len__(self):
+        return len(self.batches)
+
+    def iterate(self, epoch, start=0):
+        for i, batch in enumerate(self.batches.iterate(epoch, start=start)):
+            if epoch * len(self) + start + i + 1 == self.step:
+                batch = dict(batch, wave=np.full_like(batch["wave"], np.nan))
+            yield batch
+
+
+def test_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(trained, tmp_path):
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"diverged at step 3: .*loss_d is nan.*last good checkpoint, step 2"):
+        train_loop(trained["trainer"], _PoisonedAt(trained["batches"], 3), total_steps=RESUME_N, run_dir=run_dir,
+                   save_every=SAVE_EVERY, keep=10, log_every=1, progress=False)
+    ck = Checkpoints(os.path.join(run_dir, "checkpoints"))
+    try:
+        assert ck.manager.all_steps() == [2]  # the NaN state was never saved
+        st, _ = ck.restore(trained["trainer"].init_state())
+        assert all(np.isfinite(x).all() for x in _leaves(st) if np.issubdtype(x.dtype, np.inexact))
+    finally:
+        ck.close()
+    recs = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in recs] == [1, 2]
+
+
 # ------------------------------------------------------------------- 5. data-parallel sharding
 
 

@@ -9,6 +9,7 @@ entry in :data:`COMMANDS`. This package is the only place that imports ``rvclora
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .. import __version__
@@ -29,19 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (exit 2, its last stderr line names the flag), --help, --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    # SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so every temporary file and
+    # every directory this invocation created is removed (training saves a checkpoint first).
+    old_term = _terminate_as_interrupt()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        print(f"rvclora: error: out of memory ({' '.join(str(e).split()) or 'MemoryError'})", file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__  # always one line
         print(f"rvclora: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if old_term is not False:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+
+
+def _terminate_as_interrupt():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return False
 
 
 __all__ = ["main", "build_parser", "COMMANDS"]

@@ -8,9 +8,13 @@ the handler that needs them (the CLI is the only place the core meets the conver
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 import numpy as np
+
+from . import _args as A
+from ._outputs import add_overwrite, guard
 
 
 def _parse_weighted(spec: str) -> tuple[str, float]:
@@ -18,12 +22,23 @@ def _parse_weighted(spec: str) -> tuple[str, float]:
     if ":" in spec:
         path, w = spec.rsplit(":", 1)
         try:
-            return path, float(w)
+            x = float(w)
         except ValueError:
             if os.path.exists(spec):
                 return spec, 1.0
             raise ValueError(f"{spec}: expected ADAPTER:WEIGHT with a numeric weight") from None
+        if not math.isfinite(x):
+            raise ValueError(f"{spec}: the weight must be a finite number, got {w!r}")
+        return path, x
     return spec, 1.0
+
+
+def _adapter_inputs(path: str) -> list[str]:
+    """An adapter argument (a directory or its .safetensors) as the paths it reads."""
+    from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return [os.path.join(d, ADAPTER_WEIGHTS), os.path.join(d, ADAPTER_CONFIG)]
 
 
 def _save(out: str, ad) -> None:
@@ -34,11 +49,17 @@ def _save(out: str, ad) -> None:
 
 
 def _cmd_mix(args) -> int:
+    specs = [_parse_weighted(s) for s in args.adapters]
+    g = guard([q for p, _ in specs for q in _adapter_inputs(p)], dirs=[args.out], overwrite=args.overwrite)
+    with g.cleanup_on_failure():
+        return _mix(args, specs)
+
+
+def _mix(args, specs) -> int:
     from .. import lora
     from ..adapters import compress, load_adapter, mix
     from ..layers import layer_kind
 
-    specs = [_parse_weighted(s) for s in args.adapters]
     ads = [load_adapter(p) for p, _ in specs]
     mixed = mix(ads, [w for _, w in specs])
     report = None
@@ -56,6 +77,12 @@ def _cmd_mix(args) -> int:
 
 
 def _cmd_extract(args) -> int:
+    g = guard([args.base, args.voice], dirs=[args.out], overwrite=args.overwrite)
+    with g.cleanup_on_failure():
+        return _extract(args)
+
+
+def _extract(args) -> int:
     from rvclora_convert.export import load_source
 
     from ..adapters import extract, fingerprint
@@ -105,22 +132,24 @@ def register(subparsers) -> argparse.ArgumentParser:
     mx.add_argument("adapters", nargs="+", metavar="ADAPTER[:WEIGHT]",
                     help="adapter directories with weights, e.g. a:0.7 b:-0.3 (default weight 1)")
     mx.add_argument("--out", required=True, help="output adapter directory")
-    mx.add_argument("--rank", type=int, default=None,
+    mx.add_argument("--rank", type=A.positive_int, default=None,
                     help="re-compress each layer to at most this rank by SVD (reports the discarded energy)")
-    mx.add_argument("--max-rows", type=int, default=20, help="rows of the energy table to print")
+    mx.add_argument("--max-rows", type=A.non_negative_int, default=20, help="rows of the energy table to print")
+    add_overwrite(mx)
     mx.set_defaults(func=_cmd_mix)
 
     ex = sub.add_parser("extract", help="LoRA adapter approximating VOICE - BASE (truncated SVD per layer)")
     ex.add_argument("--base", required=True, help="base model (.pth or converted directory)")
     ex.add_argument("--voice", required=True, help="fine-tuned voice model of the same architecture")
-    ex.add_argument("--rank", type=int, required=True, help="rank per layer (use a large value for exact)")
+    ex.add_argument("--rank", type=A.positive_int, required=True, help="rank per layer (use a large value for exact)")
     ex.add_argument("--targets", default="generator+prior", choices=list(PRESETS),
                     help="layers to extract (preset; default generator+prior = everything used at inference)")
     ex.add_argument("--keep-full", action="store_true",
                     help="store a changed speaker embedding (emb_g) as a full delta in the adapter")
     ex.add_argument("--no-probe", action="store_true", help="skip the probe render")
-    ex.add_argument("--max-rows", type=int, default=20, help="rows of the energy table to print")
+    ex.add_argument("--max-rows", type=A.non_negative_int, default=20, help="rows of the energy table to print")
     ex.add_argument("--out", required=True, help="output adapter directory")
+    add_overwrite(ex)
     ex.set_defaults(func=_cmd_extract)
 
     inf = sub.add_parser("info", help="show an adapter's config, fingerprint, ranks and delta norms")

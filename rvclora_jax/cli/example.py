@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+from . import _args as A
+from ._outputs import add_overwrite, guard
+
 
 def _cmd_example(args) -> int:
+    g = guard([], dirs=[os.path.join(args.out, "adapter")], overwrite=args.overwrite)
+    with g.cleanup_on_failure():
+        return _example(args)
+
+
+def _example(args) -> int:
     from ..example import run_example
 
     res = run_example(args.out, version=args.version, sr=args.sr, preset=args.preset, rank=args.rank,
@@ -45,15 +56,16 @@ def register(subparsers) -> None:
     ex.add_argument("--model-version", dest="version", default="v2", choices=["v1", "v2"])
     ex.add_argument("--sr", default="40k", help="32k, 40k or 48k (default 40k)")
     ex.add_argument("--preset", default="generator", help="LoRA target preset (see `rvclora presets`)")
-    ex.add_argument("--rank", type=int, default=8)
-    ex.add_argument("--alpha", type=float, default=None, help="default: equal to rank")
-    ex.add_argument("--frames", type=int, default=32, help="probe length in 10 ms frames")
-    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--rank", type=A.positive_int, default=8)
+    ex.add_argument("--alpha", type=A.positive_float, default=None, help="default: equal to rank")
+    ex.add_argument("--frames", type=A.positive_int, default=32, help="probe length in 10 ms frames")
+    ex.add_argument("--seed", type=A.seed, default=0)
+    add_overwrite(ex)
     ex.set_defaults(func=_cmd_example)
 
     pr = subparsers.add_parser("presets", help="list LoRA target presets")
     pr.add_argument("--model-version", dest="version", choices=["v1", "v2"], default=None,
                     help="also count the layers each preset adapts in this RVC model")
     pr.add_argument("--sr", default="40k")
-    pr.add_argument("--rank", type=int, default=8)
+    pr.add_argument("--rank", type=A.positive_int, default=8)
     pr.set_defaults(func=_cmd_presets)

@@ -12,16 +12,14 @@ import os
 
 from ..fileio import require_torch
 from ..models.synthesizer import INFER_NOISE_SCALE
+from . import _args as A
+from ._outputs import add_overwrite, guard
 
 
-def load_model(path: str, adapter: str | None, scale: float):
-    """MODEL.pth | converted dir | RUN_DIR (adapter dir whose metadata names its base) →
-    ``(Synthesizer with the adapter merged in, its rvclora_convert Source)``."""
-    require_torch("reading .pth files")
-    from rvclora_convert.export import load_source, merge_adapter
-
-    from .. import lora
-    from ..params import load_params
+def resolve_model(path: str, adapter: str | None) -> tuple[str, str | None]:
+    """MODEL.pth | converted dir | RUN_DIR → ``(the model path, the adapter path or None)``:
+    a RUN_DIR (an adapter directory) brings its adapter and names its base in its metadata."""
+    from .. import adapters
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such model file or folder")
@@ -40,6 +38,18 @@ def load_model(path: str, adapter: str | None, scale: float):
             raise ValueError(f"{cfg_path}: the adapter's metadata names no base model; pass the base model "
                              f"and --adapter {path}")
         adapter, path = path, base
+    return path, adapter
+
+
+def load_model(path: str, adapter: str | None, scale: float):
+    """MODEL.pth | converted dir | RUN_DIR (adapter dir whose metadata names its base) →
+    ``(Synthesizer with the adapter merged in, its rvclora_convert Source)``."""
+    require_torch("reading .pth files")
+    from rvclora_convert.export import load_source, merge_adapter
+
+    from ..params import load_params
+
+    path, adapter = resolve_model(path, adapter)
     src = load_source(path)
     if src.kind != "generator":
         raise ValueError(f"{src.path}: is a {src.kind}; render needs a generator (an RVC voice model)")
@@ -52,23 +62,41 @@ def load_model(path: str, adapter: str | None, scale: float):
 
 
 def _cmd_render(args) -> int:
+    from .. import adapters
+
+    if args.scale != 1.0 and args.adapter is None and not os.path.isfile(
+            os.path.join(args.model, adapters.ADAPTER_CONFIG)):
+        raise ValueError("--scale needs --adapter (or a RUN_DIR)")
+    model_path, adapter = resolve_model(args.model, args.adapter)
+    inputs = [model_path, args.features, args.f0]
+    if adapter is not None:  # its files, not its folder: a RUN_DIR may take new renders
+        d = adapter if os.path.isdir(adapter) else os.path.dirname(os.path.abspath(adapter))
+        inputs += [os.path.join(d, adapters.ADAPTER_WEIGHTS), os.path.join(d, adapters.ADAPTER_CONFIG)]
+    folder = os.path.isdir(args.features)
+    if folder:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise ValueError(f"{args.out}: --features is a folder, so --out must be a folder")
+        g = guard(inputs, into=[args.out], overwrite=args.overwrite)
+    elif os.path.isdir(args.out):
+        g = guard(inputs, into=[args.out], overwrite=args.overwrite)  # the file's name comes from the features
+    else:
+        g = guard(inputs, files=[args.out], overwrite=args.overwrite)
+    with g.cleanup_on_failure():
+        return _render(args, g)
+
+
+def _render(args, g) -> int:
     from ..render import collect_inputs, render, write_wav
 
     model, _ = load_model(args.model, args.adapter, args.scale)
     inputs = collect_inputs(model, args.features, args.f0, f0_up_key=args.f0_up_key)
-    if args.noise_scale < 0:
-        raise ValueError(f"--noise-scale must be ≥ 0, got {args.noise_scale}")
+    if os.path.isdir(args.features) or os.path.isdir(args.out):
+        paths = [os.path.join(args.out, x["name"] + ".wav") for x in inputs]
+        g.add_files(paths)  # before any rendering: no WAV replaces an input or, silently, an old WAV
+    else:
+        paths = [args.out]
     outs = render(model, inputs, sid=args.sid, noise_scale=args.noise_scale, seed=args.seed)
     sr = int(model.config.sr)
-    if os.path.isdir(args.features):
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"{args.out}: --features is a folder, so --out must be a folder")
-        paths = [os.path.join(args.out, x["name"] + ".wav") for x in inputs]
-    else:
-        out = args.out
-        if os.path.isdir(out):
-            out = os.path.join(out, inputs[0]["name"] + ".wav")
-        paths = [out]
     for p, y in zip(paths, outs):
         write_wav(p, y, sr)
         print(f"{p}: {len(y) / sr:.2f} s at {sr} Hz")
@@ -84,16 +112,17 @@ def register(subparsers) -> None:
                     "deterministically (no prior noise, no NSF noise).")
     p.add_argument("model", metavar="MODEL", help="MODEL.pth | CONVERTED_DIR | RUN_DIR")
     p.add_argument("--adapter", help="adapter directory (or its adapter.safetensors) to merge into MODEL")
-    p.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1)")
+    p.add_argument("--scale", type=A.finite_float, default=1.0, help="adapter strength (default 1)")
     p.add_argument("--features", required=True, metavar="F.npy|DIR",
                    help="content features [frames, dim] at 50 fps")
     p.add_argument("--f0", metavar="F0.npy|DIR", help="f0 in Hz at 100 fps (required for f0 models); "
                    "in a folder <name>.npy or <name>.wav.npy")
     p.add_argument("--out", required=True, metavar="OUT.wav|OUTDIR",
                    help="output WAV (folder for a feature folder)")
-    p.add_argument("--sid", type=int, default=0, help="speaker id (row of emb_g, default 0)")
-    p.add_argument("--f0-up-key", type=float, default=0.0, metavar="SEMITONES", help="pitch shift (default 0)")
-    p.add_argument("--noise-scale", type=float, default=INFER_NOISE_SCALE,
+    p.add_argument("--sid", type=A.non_negative_int, default=0, help="speaker id (row of emb_g, default 0)")
+    p.add_argument("--f0-up-key", type=A.finite_float, default=0.0, metavar="SEMITONES", help="pitch shift (default 0)")
+    p.add_argument("--noise-scale", type=A.non_negative_float, default=INFER_NOISE_SCALE,
                    help=f"prior noise scale (RVC: {INFER_NOISE_SCALE}); 0 = deterministic")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
+    p.add_argument("--seed", type=A.seed, default=0, help="random seed of the noise (default 0)")
+    add_overwrite(p)
     p.set_defaults(func=_cmd_render)

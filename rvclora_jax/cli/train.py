@@ -10,9 +10,39 @@ the trained adapter into the same loaded base to write ``RUN_DIR/model.pth``.
 from __future__ import annotations
 
 import os
+import shutil
 
 from ..fileio import require_torch
+from . import _args as A
+from ._outputs import add_overwrite, guard
 from .convert import describe_source
+
+# What a run writes into RUN_DIR (the adapter directory it becomes).
+RUN_FILES = ("adapter.safetensors", "adapter_config.json", "model.pth", "metrics.jsonl", "loss.png")
+RUN_DIRS = ("checkpoints", "samples")
+EXAMPLE_BASE = "example_base_G.pth"
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    # Orbax names each step's directory by its step number.
+    d = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _guard_run(args):
+    """Before any work: RUN_DIR's outputs never replace an input, and a previous run's
+    outputs are replaced only with --resume (which continues it) or --overwrite."""
+    run = args.out
+    base = args.base or (os.path.join(run, EXAMPLE_BASE) if args.example else None)
+    inputs = [base, args.base_d, args.data]
+    for p in inputs:
+        if p and os.path.lexists(p) and os.path.realpath(p) == os.path.realpath(run):
+            raise ValueError(f"{run}: is also an input of this command; write the run elsewhere")
+    if args.resume and not _has_checkpoint(run):
+        raise FileNotFoundError(f"{run}: nothing to resume (no checkpoint in {os.path.join(run, 'checkpoints')}); "
+                                f"start a new run without --resume (with --overwrite to replace its files)")
+    return guard(inputs, files=[os.path.join(run, f) for f in RUN_FILES],
+                 dirs=[os.path.join(run, d) for d in RUN_DIRS], overwrite=args.resume or args.overwrite)
 
 
 def write_example_base(path: str, seed: int) -> None:
@@ -41,6 +71,19 @@ def _cmd_train(args) -> int:
     require_torch()
     import time
 
+    t0 = time.time()
+    if not args.example and (not args.base or not args.data):
+        raise ValueError("train needs --base G.pth and --data EXP_DIR (or --example)")
+    g = _guard_run(args)
+    # A failed run leaves nothing it created behind, except a directory holding checkpoints
+    # (the last good state of a long run, to --resume from).
+    with g.cleanup_on_failure(keep=lambda d: _has_checkpoint(args.out)):
+        return _train(args, t0)
+
+
+def _train(args, t0) -> int:
+    import time
+
     from rvclora_convert.export import export
 
     from .. import lora
@@ -48,12 +91,11 @@ def _cmd_train(args) -> int:
     from ..run import RunConfig, default_segment_frames, run
     from ..train import TrainConfig
 
-    t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
     if args.example:
         args.data = args.data or example_dir()
         if not args.base:
-            args.base = os.path.join(args.out, "example_base_G.pth")
+            args.base = os.path.join(args.out, EXAMPLE_BASE)
             if not os.path.exists(args.base):
                 print(f"example: writing a random-weight v2 40k base (real RVC architecture) to {args.base}")
                 write_example_base(args.base, args.seed)
@@ -78,6 +120,13 @@ def _cmd_train(args) -> int:
                      epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
                      resume=args.resume, progress=not args.no_progress, sid=args.sid,
                      sample_every=args.sample_every, val_fraction=args.val_fraction)
+    if args.overwrite and not args.resume:
+        # A fresh run: the previous run's checkpoints, samples and log go (its adapter, model
+        # and plot are replaced when this run writes its own).
+        for name in RUN_DIRS:
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+        if os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+            os.unlink(os.path.join(args.out, "metrics.jsonl"))
     res = run(src.model, rcfg, discriminator=d, metadata={"base": os.path.abspath(args.base)})
     if res.interrupted:
         print(f"interrupted at step {res.step}: checkpoint saved; continue with --resume")
@@ -102,30 +151,32 @@ def register(subparsers) -> None:
     tr.add_argument("--out", required=True, help="run directory (becomes an adapter directory)")
     tr.add_argument("--example", action="store_true",
                     help="use the built-in example data (and a random-weight base unless --base is given)")
-    tr.add_argument("--rank", type=int, default=8)
-    tr.add_argument("--alpha", type=float, default=None, help="default: equal to rank")
-    tr.add_argument("--dropout", type=float, default=0.0)
+    tr.add_argument("--rank", type=A.positive_int, default=8)
+    tr.add_argument("--alpha", type=A.positive_float, default=None, help="default: equal to rank")
+    tr.add_argument("--dropout", type=A.fraction, default=0.0, help="LoRA dropout in [0, 1) (default 0)")
     tr.add_argument("--targets", default="generator", help="LoRA preset (see `rvclora presets`)")
     g = tr.add_mutually_exclusive_group()
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--epochs", type=int, default=None)
-    tr.add_argument("--batch-size", type=int, default=4)
-    tr.add_argument("--segment-frames", type=int, default=None,
+    g.add_argument("--steps", type=A.positive_int, default=None)
+    g.add_argument("--epochs", type=A.positive_int, default=None)
+    tr.add_argument("--batch-size", type=A.positive_int, default=4)
+    tr.add_argument("--segment-frames", type=A.positive_int, default=None,
                     help="default: RVC's segment for the rate (32 at 40k)")
-    tr.add_argument("--lr", type=float, default=None, help="learning rate (default: RVC's, 1e-4)")
-    tr.add_argument("--lr-d", type=float, default=None, help="discriminator lr (default: --lr)")
-    tr.add_argument("--seed", type=int, default=1234)
-    tr.add_argument("--save-every", type=int, default=500)
-    tr.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    tr.add_argument("--log-every", type=int, default=10)
-    tr.add_argument("--sid", type=int, default=None,
+    tr.add_argument("--lr", type=A.positive_float, default=None, help="learning rate (default: RVC's, 1e-4)")
+    tr.add_argument("--lr-d", type=A.positive_float, default=None, help="discriminator lr (default: --lr)")
+    tr.add_argument("--seed", type=A.seed, default=1234)
+    tr.add_argument("--save-every", type=A.positive_int, default=500)
+    tr.add_argument("--keep", type=A.positive_int, default=3, help="checkpoints to keep")
+    tr.add_argument("--log-every", type=A.positive_int, default=10)
+    tr.add_argument("--sid", type=A.non_negative_int, default=None,
                     help="speaker row of the base to train as (default: the ids in the data, usually 0)")
     tr.add_argument("--train-speaker", action="store_true",
                     help="also train the speaker embedding (a full-size delta of emb_g stored with the adapter)")
-    tr.add_argument("--sample-every", type=int, default=None,
+    tr.add_argument("--sample-every", type=A.positive_int, default=None,
                     help="render a held-out sample + mel PNG and log val_mel every N steps (default: --save-every)")
-    tr.add_argument("--val-fraction", type=float, default=0.1,
+    tr.add_argument("--val-fraction", type=A.fraction, default=0.1,
                     help="fraction of clips held out for validation (at least 1 when there are >= 4 clips)")
-    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the run in --out from its last checkpoint (a finished run is re-exported)")
+    add_overwrite(tr)
     tr.add_argument("--no-progress", action="store_true")
     tr.set_defaults(func=_cmd_train)
