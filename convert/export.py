@@ -40,7 +40,7 @@ from .pth import LAYOUTS, RVCFile, RVCFileError, check_metadata, load_rvc_file, 
 from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
 from rvclora_jax import adapters, families, lora
 from rvclora_jax.families import ModelSpec
-from rvclora_jax.fileio import atomic_write, require_regular_file
+from rvclora_jax.fileio import apply_umask, atomic_write, require_regular_file
 from rvclora_jax.models.synthesizer import SynthConfig
 from rvclora_jax.train import TrainConfig
 from rvclora_jax.tree import flatten, unflatten
@@ -169,6 +169,7 @@ def convert_file(path: str, out_dir: str) -> Source:
         }
         with open(os.path.join(tmp, MODEL_JSON), "w") as fh:
             json.dump(meta, fh, indent=1, allow_nan=False)
+        apply_umask(tmp)  # mkdtemp made it 0700 (and safetensors 0600): give it what mkdir would
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)

@@ -24,7 +24,7 @@ from . import adapters, lora
 from .audio import MelConfig
 from .families.rvc import RVC
 from .losses import C_MEL
-from .models.synthesizer import TRAIN_SEGMENT_SAMPLES, Synthesizer
+from .models.synthesizer import Synthesizer
 from .render import render_arrays, write_wav
 from .train import Hooks, TrainConfig, Trainer, train_loop
 
@@ -58,8 +58,8 @@ def auto_buckets(lengths: list[int], step: int = 50, max_shapes: int = 3) -> tup
 
 
 def default_segment_frames(g: Synthesizer) -> int:
-    key = (g.version, g.config.sr)
-    return TRAIN_SEGMENT_SAMPLES.get(key, 12800) // g.config.hop_length
+    """RVC's training segment for the generator's version and rate (32 frames at 40k)."""
+    return RVC.segment_frames(g.version, g.config.sr, g.config.hop_length)
 
 
 def split_validation(items, fraction: float) -> tuple[list[int], list[int]]:

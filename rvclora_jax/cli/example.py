@@ -37,9 +37,10 @@ def _cmd_presets(args) -> int:
         from flax import nnx
 
         from .. import lora
+        from ..families.rvc import RVC
         from ..models import synthesizer as S
 
-        model = S.Synthesizer(S.preset(args.version, args.sr), args.version, True, rngs=nnx.Rngs(0),
+        model = S.Synthesizer(RVC.preset(args.version, args.sr), args.version, True, rngs=nnx.Rngs(0),
                               with_enc_q=False)
         print()
         for name in PRESETS:

@@ -50,9 +50,10 @@ def write_example_base(path: str, seed: int) -> None:
     from flax import nnx
     from rvclora_convert.export import write_base_file
 
+    from ..families.rvc import RVC
     from ..models import synthesizer as S
 
-    write_base_file(S.Synthesizer(S.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed)), path)
+    write_base_file(S.Synthesizer(RVC.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed)), path)
 
 
 def _load(path: str, kind: str, flag: str, example: str):

@@ -155,20 +155,6 @@ class SynthConfig:
         return dataclasses.replace(self, **kw)
 
 
-# compatibility: removed at merge. The RVC configs (sample-rate names, per-rate presets,
-# training segments) moved to the model family, rvclora_jax.families.rvc; models do not
-# import families at module level, so the old names resolve lazily.
-_MOVED_TO_FAMILY = ("SAMPLE_RATES", "parse_sr", "TRAIN_SEGMENT_SAMPLES", "preset")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_FAMILY:
-        from ..families import rvc
-
-        return getattr(rvc, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class PosteriorEncoder(nnx.Module):
     """``enc_q``: linear spectrogram → posterior z (training only)."""
 
