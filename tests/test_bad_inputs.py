@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from rvclora_jax import adapters, lora
 from rvclora_jax import data as D
 from rvclora_jax.cli import main
+from rvclora_jax.families.rvc import RVC
 from rvclora_jax.models import synthesizer as S
 
 # RVC's exact v2 48k structure, narrow channels (as tests/test_export.py NARROW)
