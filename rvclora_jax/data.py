@@ -393,8 +393,8 @@ def _cache_path(cache_dir: str, item: Item, mel: MelConfig) -> str:
     return os.path.join(cache_dir, f"{item.name}-{digest}.spec.npy")
 
 
-def _utterance(item: Item, wave: np.ndarray, spec: np.ndarray, hop: int) -> dict:
-    """RVC's ``TextAudioLoaderMultiNSFsid.get_audio_text_pair`` on loaded audio (see :func:`load_item`)."""
+def _labels(item: Item) -> dict:
+    """The item's features (×2 to 100 fps) and pitch, cut to RVC's 900 frames."""
     # The strict loaders check every value (finite, in range, dtype) and name the file:
     # a NaN or an out-of-range pitch would otherwise train to NaN without a word.
     phone = repeat_features(load_features(item.feature))
@@ -403,7 +403,13 @@ def _utterance(item: Item, wave: np.ndarray, spec: np.ndarray, hop: int) -> dict
     if item.pitch is not None:
         utt["pitch"] = load_coarse_pitch(item.pitch)[:n]
         utt["pitchf"] = load_f0(item.pitchf)[:n].astype(np.float32)
-    utt.update(spec=spec, wave=wave, sid=item.sid)
+    return utt
+
+
+def _utterance(item: Item, labels: dict, wave: np.ndarray, spec: np.ndarray, hop: int) -> dict:
+    """RVC's ``TextAudioLoaderMultiNSFsid.get_audio_text_pair`` on loaded audio (see :func:`load_item`)."""
+    utt = dict(labels, spec=spec, wave=wave, sid=item.sid)
+    n = labels["phone"].shape[0]
     if n != spec.shape[0]:  # RVC cuts everything to the shorter only when they differ
         utt = cut(utt, min(n, spec.shape[0]), hop)
     return utt
@@ -439,6 +445,9 @@ def load_items(items: Sequence[Item], sr: int | None = None, *,
     if not items:
         return []
     mel = MelConfig.for_rate(sr or items[0].sr)
+    # Every file is read and validated before any spectrogram is computed or cached, so bad
+    # data is refused before anything is written beside it.
+    labels = [_labels(it) for it in items]
     waves = [read_wav(it.wav, mel.sampling_rate) for it in items]
     specs: list[np.ndarray | None] = [None] * len(items)
     paths = [_cache_path(cache_dir, it, mel) if cache_dir else None for it in items]
@@ -457,7 +466,8 @@ def load_items(items: Sequence[Item], sr: int | None = None, *,
         specs[i] = s
         if paths[i]:
             _save_quietly(paths[i], s)
-    return [_utterance(it, wave, spec, mel.hop_length) for it, wave, spec in zip(items, waves, specs)]
+    return [_utterance(it, lab, wave, spec, mel.hop_length)
+            for it, lab, wave, spec in zip(items, labels, waves, specs)]
 
 
 # --------------------------------------------------------------------------- batching

@@ -401,3 +401,21 @@ def test_too_short_wav_and_bad_filelist_name_their_file(tmp_path):
     fl.write_bytes(b"\xff\xfe bad")
     with pytest.raises(ValueError, match="filelist.txt"):
         D.scan_experiment(str(dst), version="v2", f0=True, sr=SR)
+
+
+def test_train_cli_refuses_bad_training_data_before_training(exp, tmp_path, capsys):
+    """Through the real CLI: a clip with NaN f0 (and one with coarse pitch 300) stops
+    ``rvclora train`` with one line naming the file, before any step runs; the run
+    directory is not left behind and the experiment folder is byte-identical."""
+    from rvclora_jax.cli.train import write_example_base
+
+    base = str(tmp_path / "base_G.pth")
+    write_example_base(base, 0)  # RVC's real v2 40k architecture, random weights
+    out = str(tmp_path / "run")
+    for folder, edit in (("2b-f0nsf", BAD_CLIPS["f0 NaN"][1]), ("2a_f0", BAD_CLIPS["coarse 300"][1])):
+        path = _first(exp, folder)
+        good = np.load(path)
+        np.save(path, edit(good))
+        _refused(capsys, ["train", "--base", base, "--data", str(exp), "--out", out, "--steps", "1",
+                          "--batch-size", "2", "--no-progress"], str(exp), names=[path], out=out)
+        np.save(path, good)

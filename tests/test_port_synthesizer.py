@@ -145,7 +145,7 @@ def test_state_dict_keys_and_counts(version, f0):
     n_g = sum(p.numel() for k, p in ref.named_parameters() if k.endswith("weight_g"))
     assert n_ours == n_ref - n_g
     assert n_ref == {("v1", True): 36_360_514, ("v2", True): 36_458_818,
-                     ("v1", False): 36_289_088, ("v2", False): 36_387_392}[(version, f0)]  # rvc-facts §1.3
+                     ("v1", False): 36_289_088, ("v2", False): 36_387_392}[(version, f0)]  # sum of the RVC state dict tensor sizes
     sd = state_dict_np(ref)
     back = flax_to_torch(ours, torch_to_flax(ours, sd))
     assert set(back) == set(sd)

@@ -38,7 +38,7 @@ INFER_NOISE_SCALE = 0.66666  # RVC's literal, not 2/3
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """The 18 constructor arguments RVC stores as ``config`` in inference models (§1.2)."""
+    """The 18 constructor arguments of RVC's synthesizers, stored as ``config`` in inference models."""
 
     spec_channels: int = 1025
     segment_size: int = 32
