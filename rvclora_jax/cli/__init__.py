@@ -9,6 +9,7 @@ entry in :data:`COMMANDS`. This package is the only place that imports ``rvclora
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -67,4 +68,18 @@ def _terminate_as_interrupt():
         return False
 
 
-__all__ = ["main", "build_parser", "COMMANDS"]
+def entry() -> None:
+    """The ``rvclora`` program: :func:`main`, then exit. After a refused command (exit 2)
+    the process ends without the interpreter's teardown: Orbax/tensorstore worker threads
+    of a failed read may still call into an event loop that is closing, and would print
+    "Event loop is closed" tracebacks after the one-line error. Nothing is left to write
+    by then (temporary files were removed when the error propagated)."""
+    rc = main()
+    if rc == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
+__all__ = ["main", "entry", "build_parser", "COMMANDS"]

@@ -1,7 +1,5 @@
 """``python -m rvclora_jax.cli``: the same as the ``rvclora`` console script."""
 
-import sys
+from . import entry
 
-from . import main
-
-sys.exit(main())
+entry()
