@@ -71,6 +71,19 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def exp(tmp_path):
+    """A writable copy of the built-in example experiment, without its filelist."""
+    import shutil
+
+    from rvclora_jax import data
+
+    dst = tmp_path / "exp"
+    shutil.copytree(data.example_dir(), dst)
+    (dst / "filelist.txt").unlink()
+    return dst
+
+
+@pytest.fixture
 def rng() -> np.random.Generator:
     """A fresh, seeded numpy generator per test (tests must not depend on run order)."""
     return np.random.default_rng(1234)

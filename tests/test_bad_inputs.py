@@ -339,13 +339,6 @@ def test_render_refuses_bad_feature_and_f0_files(voice, tmp_path, capsys):
 SR = 40000
 
 
-@pytest.fixture
-def exp(tmp_path):
-    """A writable copy of the example experiment, without its filelist."""
-    dst = tmp_path / "exp"
-    shutil.copytree(D.example_dir(), dst)
-    os.remove(dst / "filelist.txt")
-    return dst
 
 
 def _first(exp, folder):

@@ -27,13 +27,6 @@ def loaded(items):
     return D.load_items(items, SR)
 
 
-@pytest.fixture
-def exp(tmp_path):
-    """A writable copy of the example experiment, without its filelist."""
-    dst = tmp_path / "exp"
-    shutil.copytree(D.example_dir(), dst)
-    os.remove(dst / "filelist.txt")
-    return dst
 
 
 def test_example_folder_is_small_and_complete(items):

@@ -27,51 +27,23 @@ def _float(s: str) -> float:
     return x
 
 
-def positive_int(s: str) -> int:
-    x = _int(s)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
-    return x
+def _checked(parse, ok, what: str):
+    """An argparse ``type=``: ``parse`` the string, then require ``ok(value)``."""
+    def check(s: str):
+        x = parse(s)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+        return x
+    return check
 
 
-def non_negative_int(s: str) -> int:
-    x = _int(s)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s!r}")
-    return x
-
-
-def seed(s: str) -> int:
-    x = _int(s)
-    if not 0 <= x <= SEED_MAX:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..2**63-1, got {s!r}")
-    return x
-
-
-def finite_float(s: str) -> float:
-    return _float(s)
-
-
-def positive_float(s: str) -> float:
-    x = _float(s)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {s!r}")
-    return x
-
-
-def non_negative_float(s: str) -> float:
-    x = _float(s)
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s!r}")
-    return x
-
-
-def fraction(s: str) -> float:
-    """A finite number in [0, 1)."""
-    x = _float(s)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {s!r}")
-    return x
+positive_int = _checked(_int, lambda x: x > 0, "a positive integer")
+non_negative_int = _checked(_int, lambda x: x >= 0, "an integer >= 0")
+seed = _checked(_int, lambda x: 0 <= x <= SEED_MAX, "an integer in 0..2**63-1")
+finite_float = _checked(_float, lambda x: True, "a finite number")
+positive_float = _checked(_float, lambda x: x > 0, "a finite number > 0")
+non_negative_float = _checked(_float, lambda x: x >= 0, "a finite number >= 0")
+fraction = _checked(_float, lambda x: 0 <= x < 1, "a number in [0, 1)")  # finite, in [0, 1)
 
 
 __all__ = ["positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float",
