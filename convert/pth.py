@@ -124,6 +124,7 @@ def _torch_load(path: str) -> Any:
         raise RVCFileError(" ".join(str(e).split())) from None
     if os.path.getsize(path) == 0:
         raise _fail(path, "file is empty")
+    _check_legacy_sizes(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
@@ -149,6 +150,69 @@ def _torch_load(path: str) -> Any:
         raise _fail(path, "truncated or empty file (unexpected end of file while unpickling)") from None
     except Exception as e:  # garbage bytes give KeyError / ValueError / ... from the unpickler
         raise _fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+# Bytes per element of the storage classes a legacy (pre-1.6, non-zip) torch file names.
+_LEGACY_ITEMSIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+                    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
+                    "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
+                    "ComplexDoubleStorage": 16}
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
+
+
+class _LegacyScan(pickle.Unpickler):
+    """Reads the pickles of a legacy torch file without building anything: every global
+    becomes an inert stand-in (no code runs) and each storage reference only adds its
+    declared size. torch.load allocates a legacy storage as soon as the pickle names it,
+    before reading its bytes, so a tiny file declaring 10^11 floats would allocate them."""
+
+    def __init__(self, fh):
+        super().__init__(fh)
+        self.declared = 0
+
+    def find_class(self, module, name):
+        return type(name, (_Inert,), {})
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            numel = pid[4]
+            if not isinstance(numel, int) or numel < 0:
+                raise ValueError(f"storage size {numel!r}")
+            self.declared += numel * _LEGACY_ITEMSIZE.get(getattr(pid[1], "__name__", ""), 8)
+        return None
+
+
+class _Inert:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _check_legacy_sizes(path: str) -> None:
+    """Zip-format files (torch >= 1.6, every RVC and Applio file) are checked tensor by
+    tensor after loading (:func:`_to_numpy`); a legacy file is checked here, before
+    torch.load, since loading it would already allocate what it declares."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            if pickle.load(fh) != _LEGACY_MAGIC:  # magic is a plain int: safe to load
+                return  # not a legacy torch file: torch.load gives its own error
+            fh.seek(0)
+            for _ in range(3):  # magic, protocol version, sys_info
+                _LegacyScan(fh).load()
+            scan = _LegacyScan(fh)
+            scan.load()
+    except Exception:  # garbage: torch.load reports it in the caller's terms
+        return
+    size = os.path.getsize(path)
+    if scan.declared > size:
+        raise _fail(path, f"legacy-format PyTorch file whose tensors declare {scan.declared:,} bytes, more "
+                          f"than the file holds ({size:,} bytes): truncated or forged; nothing was allocated")
 
 
 def _json_safe(v: Any) -> Any:

@@ -133,6 +133,42 @@ def test_tiny_file_declaring_an_enormous_tensor(tmp_path, capsys):
     refused(capsys, ["convert", p, out], p, inputs=[p], out=out)
 
 
+def _legacy_file(path, numel):
+    """A legacy (pre-1.6, non-zip) torch file whose state dict names one float storage of
+    ``numel`` elements, followed by only 16 bytes of data."""
+    import io
+    import pickle
+    import sys
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj == "<storage>" else None
+
+    buf = io.BytesIO()
+    for head in (0x1950A86A20F9469CFC6C, 1001, dict(protocol_version=1001, little_endian=sys.byteorder == "little",
+                                                   type_sizes=dict(short=2, int=4, long=4))):
+        pickle.dump(head, buf, protocol=2)
+    P(buf, protocol=2).dump({"model": {"enc_p.emb_phone.weight": "<storage>"}})
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write((numel).to_bytes(8, "little") + b"\0" * 16)
+    with open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def test_legacy_format_file_declaring_an_enormous_tensor(tmp_path, capsys):
+    """Issue 11: the size check also covers legacy-format files, before torch.load
+    allocates their storages (a legitimate legacy file still gets past the check)."""
+    p = str(tmp_path / "legacy_huge.pth")
+    _legacy_file(p, 100 * 2**30)
+    assert os.path.getsize(p) < 1024
+    refused(capsys, ["inspect", p], p, "legacy-format", "declare", inputs=[p])
+    ok = str(tmp_path / "legacy_ok.pth")
+    torch.save({"model": {"x": torch.zeros(4)}}, ok, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(ok)
+    msg = refused(capsys, ["inspect", ok], ok, inputs=[ok])  # not RVC keys, but past the size check
+    assert "legacy-format" not in msg and "no registered model family" in msg, msg
+
+
 def test_fifo_and_device_as_pth(tmp_path, capsys):
     fifo = str(tmp_path / "fifo.pth")
     os.mkfifo(fifo)
@@ -404,3 +440,24 @@ def test_describe_is_what_inspect_prints(good, tmp_path, capsys):
     assert main(["inspect", good["path"], "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(json.dumps(load_rvc_file(good["path"]).describe(), allow_nan=False)) == printed
+
+
+def test_converted_directory_has_the_modes_of_plain_files(good, tmp_path):
+    """`rvclora convert` builds its directory in a private temporary folder (0700, files
+    0600) and renames it into place: the result must have the modes the user's umask
+    gives any new directory and file, not the temporary ones."""
+    import stat
+
+    out = str(tmp_path / "conv")
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", good["path"], out]) == 0
+    finally:
+        os.umask(old)
+    modes = {os.path.relpath(os.path.join(r, n), out): stat.S_IMODE(os.stat(os.path.join(r, n)).st_mode)
+             for r, dirs, files in os.walk(out) for n in dirs + files}
+    modes["."] = stat.S_IMODE(os.stat(out).st_mode)
+    assert len(modes) > 2
+    for rel, mode in modes.items():
+        want = 0o755 if os.path.isdir(os.path.join(out, rel)) else 0o644
+        assert mode == want, (rel, oct(mode))

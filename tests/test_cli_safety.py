@@ -307,6 +307,45 @@ def test_cli_train_ctrl_c_resume_finished_rerun_and_overwrite(tmp_path):
     assert [json.loads(line)["step"] for line in open(metrics) if '"mel"' in line] == [1]
 
 
+@pytest.mark.slow
+def test_cli_train_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
+    """`kill` (SIGTERM, a scheduler's stop) through the real entry point: like Ctrl-C, the
+    step finishes, a checkpoint and the adapter are written, exit 130, no traceback, no
+    temporary file left; --resume then finishes the run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = str(tmp_path / "RUN")
+    cmd = [sys.executable, "-m", "rvclora_jax.cli", "train", "--example", "--out", run, "--steps", "4",
+           "--batch-size", "1", "--segment-frames", "8", "--log-every", "1", "--save-every", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 900 and proc.poll() is None:
+            if os.path.exists(os.path.join(run, "checkpoints", "1")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out, out
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        assert os.path.exists(os.path.join(run, name)), (name, out)
+    left = [n for _, _, files in os.walk(run) for n in files if ".tmp" in n or n.startswith("tmp")]
+    assert not left, left
+    p = subprocess.run(cmd + ["--resume"], cwd=root, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl")) if '"mel"' in line]
+    assert steps == [1, 2, 3, 4], steps
+
+
 def test_apply_umask_gives_a_temporary_tree_the_modes_of_plain_files(tmp_path):
     """fileio.apply_umask: for trees built in a mkdtemp (0700) by writers that create 0600
     files (convert's directory), before they are renamed into place."""

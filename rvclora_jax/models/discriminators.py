@@ -54,17 +54,30 @@ _S_CONVS = (
 _P_CHANNELS = (1, 32, 128, 512, 1024, 1024)
 
 
+def _narrow(divisor: int):
+    """Channel widths divided by ``divisor`` (1 is RVC's). Only for tests and toy runs:
+    the discriminator's state (weights plus two Adam moments, 264 MB for two periods at
+    RVC's widths) dominates a narrow test trainer's memory, and every data-parallel
+    device holds a replica of it."""
+    if divisor < 1 or 1024 % divisor or 16 % divisor:
+        raise ValueError(f"channel_divisor must divide 16 (got {divisor})")
+    return lambda c: c // divisor
+
+
 class DiscriminatorS(nnx.Module):
     """RVC ``DiscriminatorS`` on ``[B, N, 1]``. Returns ``(score [B, T'], fmaps)``,
     each fmap ``[B, T, C]`` (6 activations after leaky ReLU, then conv_post)."""
 
-    def __init__(self, *, dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, channel_divisor: int = 1, dtype: Dtype | None = None,
+                 param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         dt = dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, rngs=rngs)
+        n = _narrow(channel_divisor)
         self.convs = nnx.List([
-            Conv1d(cin, cout, k, stride=s, groups=g, padding=p, **dt)
+            Conv1d(cin if cin == 1 else n(cin), n(cout), k, stride=s, groups=max(1, g // channel_divisor),
+                   padding=p, **dt)
             for cin, cout, k, s, g, p in _S_CONVS
         ])
-        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1, **dt)
+        self.conv_post = Conv1d(n(1024), 1, 3, stride=1, padding=1, **dt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         fmap = []
@@ -81,18 +94,18 @@ class DiscriminatorP(nnx.Module):
 
     Returns ``(score [B, H'*p], fmaps)``, each fmap ``[B, H, p, C]``."""
 
-    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, *,
+    def __init__(self, period: int, kernel_size: int = 5, stride: int = 3, *, channel_divisor: int = 1,
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.period = int(period)
         pad = (kernel_size - 1) // 2  # RVC's get_padding(kernel_size, 1)
         n = len(_P_CHANNELS) - 1
+        ch = (1,) + tuple(map(_narrow(channel_divisor), _P_CHANNELS[1:]))
         dt = dict(dtype=dtype, param_dtype=param_dtype, weight_norm=True, torch_kx1=True, rngs=rngs)
         self.convs = nnx.List([
-            Conv1d(_P_CHANNELS[i], _P_CHANNELS[i + 1], kernel_size,
-                   stride=stride if i < n - 1 else 1, padding=pad, **dt)
+            Conv1d(ch[i], ch[i + 1], kernel_size, stride=stride if i < n - 1 else 1, padding=pad, **dt)
             for i in range(n)
         ])
-        self.conv_post = Conv1d(1024, 1, 3, stride=1, padding=1, **dt)
+        self.conv_post = Conv1d(ch[-1], 1, 3, stride=1, padding=1, **dt)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         b, t, c = x.shape
@@ -123,11 +136,11 @@ class MultiPeriodDiscriminator(nnx.Module):
     ``periods=V1_PERIODS`` is RVC's ``MultiPeriodDiscriminator``; ``V2_PERIODS`` is
     ``MultiPeriodDiscriminatorV2``."""
 
-    def __init__(self, periods: Sequence[int] = V1_PERIODS, *,
+    def __init__(self, periods: Sequence[int] = V1_PERIODS, *, channel_divisor: int = 1,
                  dtype: Dtype | None = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
         self.periods = tuple(int(p) for p in periods)
         self.dtype, self.param_dtype = dtype, param_dtype
-        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        dt = dict(channel_divisor=channel_divisor, dtype=dtype, param_dtype=param_dtype)
         # One fork of rngs per sub-discriminator (keeps nnx.eval_shape linear; see Synthesizer).
         self.discriminators = nnx.List(
             [DiscriminatorS(**dt, rngs=rngs.fork())] + [DiscriminatorP(p, **dt, rngs=rngs.fork())
