@@ -77,10 +77,14 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
 
 
 def _read_wav_scipy(path: str) -> tuple[np.ndarray, int]:
+    import warnings
+
     from scipy.io import wavfile
 
     try:
-        rate, data = wavfile.read(path)
+        with warnings.catch_warnings():  # extra chunks (PEAK, LIST) are harmless
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)
+            rate, data = wavfile.read(path)
     except Exception as e:  # noqa: BLE001
         raise AudioError(f"{path}: not a readable wav file ({' '.join(str(e).split()) or type(e).__name__})") from None
     if data.dtype == np.uint8:
