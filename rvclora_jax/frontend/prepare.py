@@ -155,7 +155,7 @@ class _Manifest:
                 with open(path, encoding="utf-8") as fh:
                     d = json.load(fh)
                 if isinstance(d, dict) and d.get("version") == MANIFEST_VERSION:
-                    self.data.update({k: d[k] for k in ("settings", "sources", "segments") if k in d})
+                    self.data.update({k: d[k] for k in ("settings", "sources", "segments", "mute") if k in d})
             except (OSError, ValueError):
                 pass  # unreadable record: everything is redone (and the outputs rewritten)
         self.existed = os.path.isfile(path)
@@ -216,7 +216,9 @@ def prepare(raw_dir: str, out_dir: str, *, sr=40000, version: str = "v2", f0: bo
     if speaker_id < 0:
         raise ValueError(f"speaker_id must be >= 0, got {speaker_id}")
     report = report or _default_report
-    dim = FEATURE_DIM[version]
+    kwargs = dict(sr=sr, version=version, f0=f0, pitch_fn=pitch_fn, features_fn=features_fn, per=per,
+                  numbering=numbering, downmix=downmix, layout=layout, speaker_id=speaker_id, mute=mute,
+                  progress=progress, report=report, batch_size=batch_size)
     pitch_key = pitch_key or f0_method or getattr(pitch_fn, "__name__", "pitch")
     features_key = features_key or getattr(features_fn, "__name__", type(features_fn).__name__)
     raw_dir, out_dir = os.path.abspath(raw_dir), os.path.abspath(out_dir)
@@ -226,6 +228,16 @@ def prepare(raw_dir: str, out_dir: str, *, sr=40000, version: str = "v2", f0: bo
     if not man.existed and os.path.isdir(P.gt) and os.listdir(P.gt):
         raise ValueError(f"{out_dir}: already holds an experiment that rvclora prepare did not make "
                          f"({P.gt} is not empty); choose a new folder")
+    try:
+        return _run(raw_dir, out_dir, entries, P, man, pitch_key=pitch_key, features_key=features_key,
+                    t0=t0, **kwargs)
+    finally:
+        man.save()  # also when interrupted: the next run continues from here
+
+
+def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, features_fn, pitch_key, features_key,
+         per, numbering, downmix, layout, speaker_id, mute, progress, report, batch_size, t0) -> PrepareResult:
+    dim = FEATURE_DIM[version]
     settings = {"sr": sr, "per": per, "numbering": numbering, "downmix": downmix, "layout": layout,
                 "speaker_id": speaker_id if layout == "applio" else 0, "slicer": RVC_SLICER}
     srcs, segs = man.data["sources"], man.data["segments"]
