@@ -59,6 +59,20 @@ class Counting:
         return self.fn(x)
 
 
+class Batched:
+    """A stand-in with the JAX extractors' ``batch(list)`` method."""
+
+    def __init__(self, fn):
+        self.fn, self.sizes = fn, []
+
+    def __call__(self, x):
+        return self.fn(x)
+
+    def batch(self, wavs):
+        self.sizes.append(len(wavs))
+        return [self.fn(w) for w in wavs]
+
+
 def cheap_pitch(wav16k):  # for the runs that test layout, not pitch
     return np.full(1 + len(wav16k) // 160, 150.0)
 
@@ -206,6 +220,11 @@ def test_interrupted_run_continues_and_follows_changes(raw, tmp_path):
     assert all(x.startswith("0_") for x in res3.items)
     assert not [f for f in os.listdir(f"{out}/0_gt_wavs") if f.startswith("1_")]
     assert not [f for f in os.listdir(f"{out}/3_feature256") if f.startswith("1_")]
+    # a recording sorted before the others shifts every idx0: names follow RVC's numbering
+    shutil.copy(src / "a.wav", src / "0_first.wav")
+    res5 = prepare(str(src), out, pitch_fn=cheap_pitch, **kw)
+    assert {x.split("_")[0] for x in res5.items} == {"0", "1"} and res5.done["preprocess"] == len(res5.items)
+    assert sorted(f[:-4] for f in os.listdir(f"{out}/0_gt_wavs")) == sorted(res5.items)
     # another setting (piece length) redoes everything
     res4 = prepare(str(src), out, pitch_fn=cheap_pitch, per=3.0, **kw)
     assert res4.reused["preprocess"] == 0
@@ -217,8 +236,13 @@ def test_nono_and_applio(raw, tmp_path):
     from rvc.lib.train.data_utils import TextAudioLoader
 
     out = str(tmp_path / "nono")
-    res = prepare(str(raw), out, sr="48k", version="v1", f0=False, features_fn=stand_in_features(256),
+    feats = Batched(stand_in_features(256))
+    res = prepare(str(raw), out, sr="48k", version="v1", f0=False, features_fn=feats, batch_size=2,
                   mute=True, progress=False, report=lambda m: None)
+    assert feats.sizes and max(feats.sizes) == 2 and sum(feats.sizes) == len(res.items)
+    for n in res.items:  # batched = one at a time
+        w16 = wavfile.read(f"{out}/1_16k_wavs/{n}.wav")[1]
+        np.testing.assert_array_equal(np.load(f"{out}/3_feature256/{n}.npy"), feats.fn(w16))
     assert not os.path.exists(f"{out}/2a_f0")
     ds = TextAudioLoader(os.path.join(out, "filelist.txt"), rvc_hparams(48000))
     assert len(ds) == len(res.items) + 2
@@ -227,7 +251,7 @@ def test_nono_and_applio(raw, tmp_path):
     assert len(scan_experiment(out, version="v1", f0=False, sr=48000)) == len(ds)
 
     out = str(tmp_path / "applio")
-    res = prepare(str(raw), out, sr=40000, layout="applio", speaker_id=3, pitch_fn=cheap_pitch,
+    res = prepare(str(raw), out, sr=40000, layout="applio", speaker_id=3, pitch_fn=Batched(cheap_pitch),
                   features_fn=stand_in_features(768), progress=False, report=lambda m: None)
     for d in ("sliced_audios", "sliced_audios_16k", "f0", "f0_voiced", "extracted"):
         assert sorted(os.listdir(f"{out}/{d}")) and all(f.startswith("3_") for f in os.listdir(f"{out}/{d}"))

@@ -176,6 +176,32 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
                 file=sys.stderr, leave=False)
 
 
+def _extract(todo: list[str], fn, read, batch_size: int, progress: bool, desc: str):
+    """``(name, fn(wav16k), None)`` or ``(name, None, one-line error)`` for each piece, in
+    order; a callable with a ``batch(list)`` method (the JAX extractors: bucketed, jitted)
+    gets ``batch_size`` pieces at a time."""
+    batched = hasattr(fn, "batch")
+    step = batch_size if batched else 1
+    bar = _progress(None, len(todo), desc, progress) if progress else None
+    try:
+        for s in range(0, len(todo), step):
+            group = todo[s:s + step]
+            wavs = [read(n) for n in group]
+            try:
+                outs = list(fn.batch(wavs)) if batched else [fn(wavs[0])]
+                if len(outs) != len(group):
+                    raise ValueError(f"{len(outs)} results for {len(group)} clips")
+                results = [(n, o, None) for n, o in zip(group, outs)]
+            except (ValueError, RuntimeError, FloatingPointError) as e:
+                results = [(n, None, " ".join(str(e).split()) or type(e).__name__) for n in group]
+            yield from results
+            if bar is not None:
+                bar.update(len(group))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _natural(name: str) -> tuple:
     """``0_2`` before ``0_10``: the numbers of a piece name as integers."""
     return tuple(int(t) if t.isdigit() else t for t in name.split("_"))
@@ -222,6 +248,10 @@ def prepare(raw_dir: str, out_dir: str, *, sr=40000, version: str = "v2", f0: bo
     pitch_key = pitch_key or f0_method or getattr(pitch_fn, "__name__", "pitch")
     features_key = features_key or getattr(features_fn, "__name__", type(features_fn).__name__)
     raw_dir, out_dir = os.path.abspath(raw_dir), os.path.abspath(out_dir)
+    r, o = os.path.realpath(raw_dir), os.path.realpath(out_dir)
+    if r == o or o.startswith(r.rstrip(os.sep) + os.sep) or r.startswith(o.rstrip(os.sep) + os.sep):
+        raise ValueError(f"{out_dir}: the experiment folder and the recordings folder {raw_dir} "
+                         "must not contain each other")
     entries = _listing(raw_dir)
     P = _paths(out_dir, layout, version)
     man = _Manifest(os.path.join(out_dir, MANIFEST))
@@ -267,9 +297,11 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
             segs.pop(name, None)
 
     # ------------------------------------------------------------------ 1. preprocess
-    listed = {fname for _, fname in entries}
-    for fname in [f for f in srcs if f not in listed]:
-        forget(fname)  # the recording left the folder
+    position = {fname: idx0 for idx0, fname in entries}
+    for fname in [f for f, rec in srcs.items() if position.get(f) != rec.get("idx0")]:
+        # the recording left the folder, or moved in the listing (its names change): its
+        # outputs go before any other recording can be written under those names
+        forget(fname)
     slicer = Slicer(sr, **RVC_SLICER)
     prefix = f"{speaker_id}_" if layout == "applio" else ""
     for idx0, fname in _progress(entries, len(entries), "preprocess", progress):
@@ -338,23 +370,22 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
     if f0:
         todo = []
         for name in names:
-            rec = segs[name]
-            p = P.of(name)
+            rec, p = segs[name], P.of(name)
             if rec.get("f0") == [pitch_key, rec["wav16k"]] and os.path.exists(p["coarse"]) and os.path.exists(p["hz"]):
                 reused["f0"] += 1
             else:
                 todo.append(name)
-        for name in _progress(todo, len(todo), "f0", progress):
+        for name, out, err in _extract(todo, pitch_fn, read16k, batch_size, progress, "f0"):
             p = P.of(name)
-            try:
-                hz = np.asarray(pitch_fn(read16k(name)), np.float64).reshape(-1)
+            if err is None:
+                hz = np.asarray(out, np.float64).reshape(-1)
                 if not np.all(np.isfinite(hz)) or np.any(hz < 0):
-                    raise ValueError("f0 has NaN, inf or negative values")
-            except (ValueError, RuntimeError, FloatingPointError) as e:
-                skip(f"{p['w16']}: f0 ({pitch_key}) failed: {' '.join(str(e).split())}")
+                    err = "f0 has NaN, inf or negative values"
+            if err is not None:
+                skip(f"{p['w16']}: f0 ({pitch_key}) failed: {err}")
                 failed.add(name)
                 continue
-            _save_npy(p["hz"], hz)  # RVC writes Hz first, then the coarse pitch
+            _save_npy(p["hz"], hz)  # RVC writes Hz (float64) first, then the coarse pitch
             _save_npy(p["coarse"], coarse(hz))
             segs[name]["f0"] = [pitch_key, segs[name]["wav16k"]]
             done["f0"] += 1
@@ -369,37 +400,22 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
             reused["features"] += 1
         elif name not in failed:
             todo.append(name)
-    batched = hasattr(features_fn, "batch")
-    step = batch_size if batched else 1
-    bar = _progress(None, len(todo), "features", progress) if progress else None
-    for s in range(0, len(todo), step):
-        group = todo[s:s + step]
-        wavs = [read16k(n) for n in group]
-        try:
-            feats = list(features_fn.batch(wavs)) if batched else [features_fn(wavs[0])]
-        except (ValueError, RuntimeError, FloatingPointError) as e:
-            for n in group:
-                skip(f"{P.of(n)['w16']}: content features failed: {' '.join(str(e).split())}")
-                failed.add(n)
-            continue
-        for n, w, ft in zip(group, wavs, feats):
+    for name, ft, err in _extract(todo, features_fn, read16k, batch_size, progress, "features"):
+        where = P.of(name)["w16"]
+        if err is None:
             ft = np.asarray(ft)
             if ft.ndim != 2 or ft.shape[1] != dim or ft.shape[0] < 1:
-                skip(f"{P.of(n)['w16']}: content features have shape {tuple(ft.shape)}, expected [T, {dim}] ({version})")
-                failed.add(n)
-                continue
-            if not np.all(np.isfinite(ft)):  # RVC skips these too ("contains nan")
-                skip(f"{P.of(n)['w16']}: content features contain NaN or inf")
-                failed.add(n)
-                continue
-            _save_npy(P.of(n)["feat"], ft.astype(np.float32))
-            segs[n]["features"] = [features_key, segs[n]["wav16k"]]
-            done["features"] += 1
-        if bar is not None:
-            bar.update(len(group))
+                err = f"shape {tuple(ft.shape)}, expected [T, {dim}] ({version})"
+            elif not np.all(np.isfinite(ft)):  # RVC skips these too ("contains nan")
+                err = "NaN or inf values"
+        if err is not None:
+            skip(f"{where}: content features failed: {err}")
+            failed.add(name)
+            continue
+        _save_npy(P.of(name)["feat"], ft.astype(np.float32))
+        segs[name]["features"] = [features_key, segs[name]["wav16k"]]
+        done["features"] += 1
         man.save(force=False)
-    if bar is not None:
-        bar.close()
     man.save()
 
     # ------------------------------------------------------------------ 4. filelist
