@@ -293,10 +293,13 @@ def test_cli(raw, tmp_path, monkeypatch, capsys):
     assert "pieces ready" in cap.out and "d_empty.wav: empty file" in cap.err
     assert len(scan_experiment(out, version="v2", f0=True, sr=40000)) >= 2
     # bad invocations: one line naming the file or flag, exit 2, nothing computed
-    for argv, want in [(["--hubert", str(tmp_path / "missing.pt")], "missing.pt"),
+    for argv, want in [([], "--hubert"), (["--hubert", str(tmp_path / "missing.pt")], "missing.pt"),
                        (["--hubert", str(hubert), "--f0-method", "rmvpe"], "--f0-model"),
                        (["--hubert", str(hubert), "--f0-method", "rmvpe", "--f0-model", str(tmp_path / "no.pt")],
                         "no.pt")]:
         rc = main(["prepare", str(raw), "--out", str(tmp_path / "bad"), "--no-progress"] + argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and want in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "bad")
+    # `rvclora train --data` can tell recordings from an experiment
+    assert cli_prepare.is_recordings_folder(str(raw)) and not cli_prepare.is_recordings_folder(out)

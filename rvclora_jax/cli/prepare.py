@@ -88,45 +88,78 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def _cmd_prepare(args) -> int:
+def is_recordings_folder(path: str) -> bool:
+    """True for a folder of recordings (for ``rvclora train --data``): a directory that is not
+    an experiment (no ``0_gt_wavs/`` or ``sliced_audios/``) and holds at least one audio file."""
+    from ..data import LAYOUTS
+    from ..frontend.audio_io import AUDIO_EXTENSIONS
+
+    if not os.path.isdir(path) or any(os.path.isdir(os.path.join(path, lay.wavs)) for lay in LAYOUTS.values()):
+        return False
+    return any(f.lower().endswith(AUDIO_EXTENSIONS) for f in os.listdir(path))
+
+
+def run_prepare(raw_dir: str, out: str, *, hubert: str, sr="40k", version: str = "v2", f0: bool = True,
+                f0_method: str = "rmvpe", f0_model: str | None = None, hubert_output: str | None = None,
+                per: float = 3.7, numbering: str = "sequential", downmix: str = "rvc", layout: str = "rvc",
+                speaker_id: int = 0, mute: bool = False, progress: bool = True, batch_size: int = 8):
+    """Load the models named by the flags, then :func:`rvclora_jax.frontend.prepare.prepare`
+    (the whole of ``rvclora prepare``; ``rvclora train --data RAW_DIR`` can call it into its
+    run directory). Returns the :class:`~rvclora_jax.frontend.prepare.PrepareResult`."""
     from ..fileio import require_torch
     from ..frontend.pitch import pitch_method
     from ..frontend.prepare import parse_sr, prepare
 
-    sr = parse_sr(args.sr)
-    raw, out = os.path.realpath(args.raw_dir), os.path.realpath(args.out)
+    sr = parse_sr(sr)
+    raw, real_out = os.path.realpath(raw_dir), os.path.realpath(out)
     if not os.path.isdir(raw):
-        raise FileNotFoundError(f"{args.raw_dir}: recordings folder not found")
-    if _inside(out, raw) or _inside(raw, out):
-        raise ValueError(f"{args.out}: the experiment folder and the recordings folder {args.raw_dir} "
+        raise FileNotFoundError(f"{raw_dir}: recordings folder not found")
+    if _inside(real_out, raw) or _inside(raw, real_out):
+        raise ValueError(f"{out}: the experiment folder and the recordings folder {raw_dir} "
                          "must not contain each other")
-    f0 = not args.no_f0
-    output = args.hubert_output or args.version
-    if output[:2] != args.version:
-        raise ValueError(f"--hubert-output {output} gives {output[:2]} features, but --version is {args.version}")
+    output = hubert_output or version
+    if output[:2] != version:
+        raise ValueError(f"--hubert-output {output} gives {output[:2]} features, but --version is {version}")
     # Load the models (and fail on a wrong file) before any recording is touched.
-    _require_model(args.hubert, "--hubert", "content features (hubert_base.pt or a ContentVec folder)")
+    _require_model(hubert, "--hubert", "content features (hubert_base.pt or a ContentVec folder)")
     require_torch("loading the HuBERT/ContentVec and pitch model files")
-    features_fn = content_features(args.hubert, output)
-    features_key = f"hubert:{_file_key(args.hubert)}:{output}"
+    features_fn = content_features(hubert, output)
+    features_key = f"hubert:{_file_key(hubert)}:{output}"
     pitch_fn = pitch_key = None
     if f0:
-        pitch_fn = pitch_method(args.f0_method, args.f0_model)
-        model = args.f0_model or (fcpe_default_path() if args.f0_method == "fcpe" else None)
-        pitch_key = args.f0_method + (f":{_file_key(model)}" if model else "")
-    res = prepare(args.raw_dir, args.out, sr=sr, version=args.version, f0=f0, f0_method=args.f0_method,
-                  pitch_fn=pitch_fn, pitch_key=pitch_key, features_fn=features_fn, features_key=features_key,
-                  per=args.per, numbering=args.numbering, downmix=args.downmix, layout=args.layout,
-                  speaker_id=args.speaker_id, mute=args.mute, progress=not args.no_progress,
-                  batch_size=args.batch_size)
+        pitch_fn = pitch_method(f0_method, f0_model)
+        model = f0_model or (fcpe_default_path() if f0_method == "fcpe" else None)
+        pitch_key = f0_method + (f":{_file_key(model)}" if model else "")
+    return prepare(raw_dir, out, sr=sr, version=version, f0=f0, f0_method=f0_method, pitch_fn=pitch_fn,
+                   pitch_key=pitch_key, features_fn=features_fn, features_key=features_key, per=per,
+                   numbering=numbering, downmix=downmix, layout=layout, speaker_id=speaker_id, mute=mute,
+                   progress=progress, batch_size=batch_size)
+
+
+def _cmd_prepare(args) -> int:
+    res = run_prepare(args.raw_dir, args.out, hubert=args.hubert, sr=args.sr, version=args.version,
+                      f0=not args.no_f0, f0_method=args.f0_method, f0_model=args.f0_model,
+                      hubert_output=args.hubert_output, per=args.per, numbering=args.numbering,
+                      downmix=args.downmix, layout=args.layout, speaker_id=args.speaker_id, mute=args.mute,
+                      progress=not args.no_progress, batch_size=args.batch_size)
     done = ", ".join(f"{k} {res.done[k]}" for k in res.done)
     kept = ", ".join(f"{k} {res.reused[k]}" for k in res.reused)
     print(f"{res.out_dir}: {len(res.items)} pieces ready in {res.seconds:.1f} s "
           f"(computed: {done}; kept from an earlier run: {kept})")
     if res.skipped:
         print(f"  {len(res.skipped)} skipped (listed above)")
-    print(f"  train with: rvclora train --data {res.out_dir} --base f0G{sr // 1000}k.pth --out RUN_DIR")
+    print(f"  train with: rvclora train --data {res.out_dir} --base {'' if args.no_f0 else 'f0'}G{args.sr}.pth "
+          "--out RUN_DIR")
     return 0
+
+
+def add_model_flags(p) -> None:
+    """``--hubert``, ``--f0-method``, ``--f0-model`` (shared with ``rvclora train --data RAW_DIR``)."""
+    p.add_argument("--f0-method", default="rmvpe", choices=["rmvpe", "fcpe", "harvest"])
+    p.add_argument("--f0-model", help="rmvpe.pt (rmvpe), or fcpe weights (default: torchfcpe's own)")
+    p.add_argument("--hubert", help="hubert_base.pt (RVC) or a ContentVec/HuBERT folder (HF)")
+    p.add_argument("--hubert-output", choices=["v2", "v1", "v1-applio"], default=None,
+                   help="v1-applio: Applio's v1 features (last layer through final_proj); default: --version")
 
 
 def register(sub) -> None:
@@ -138,12 +171,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="experiment folder to create or continue")
     p.add_argument("--sr", default="40k", choices=["32k", "40k", "48k"], help="model sample rate (default 40k)")
     p.add_argument("--version", default="v2", choices=["v1", "v2"], help="v2: 768-d features, v1: 256-d")
-    p.add_argument("--f0-method", default="rmvpe", choices=["rmvpe", "fcpe", "harvest"])
-    p.add_argument("--f0-model", help="rmvpe.pt (rmvpe), or fcpe weights (default: torchfcpe's own)")
+    add_model_flags(p)
     p.add_argument("--no-f0", action="store_true", help="a model without pitch (nono): no 2a_f0/2b-f0nsf")
-    p.add_argument("--hubert", required=True, help="hubert_base.pt (RVC) or a ContentVec/HuBERT folder (HF)")
-    p.add_argument("--hubert-output", choices=["v2", "v1", "v1-applio"], default=None,
-                   help="v1-applio: Applio's v1 features (last layer through final_proj); default: --version")
     p.add_argument("--per", type=A.positive_float, default=3.7,
                    help="piece length in seconds (RVC: 3.7, or 3.0 on CPU-only machines)")
     p.add_argument("--numbering", choices=["sequential", "rvc"], default="sequential",
@@ -158,4 +187,5 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
-__all__ = ["register", "content_features", "fcpe_default_path"]
+__all__ = ["register", "run_prepare", "is_recordings_folder", "add_model_flags", "content_features",
+           "fcpe_default_path"]
