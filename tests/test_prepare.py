@@ -195,12 +195,32 @@ def test_rerun_skips_everything(exp, raw):
     assert before == {f: os.path.getmtime(os.path.join(exp.out, "0_gt_wavs", f)) for f in before}
 
 
-def test_interrupted_run_continues_and_follows_changes(raw, tmp_path):
+def test_interrupted_run_continues_and_follows_changes(raw, tmp_path, monkeypatch):
+    import rvclora_jax.frontend.prepare as prep
+
     src = tmp_path / "raw"
     shutil.copytree(raw, src)
     out = str(tmp_path / "exp")
     kw = dict(sr=40000, version="v1", f0_method="cheap", features_fn=stand_in_features(256), progress=False,
               report=lambda m: None)
+    # Ctrl-C between the two wavs of a piece: the next run removes the half-written piece
+    writes, real_write = [], prep.write_wav
+
+    def interrupted_write(path, x, rate):
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+        writes.append(path)
+        return real_write(path, x, rate)
+
+    monkeypatch.setattr(prep, "write_wav", interrupted_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), out, pitch_fn=cheap_pitch, **kw)
+    monkeypatch.setattr(prep, "write_wav", real_write)
+    assert len(os.listdir(f"{out}/0_gt_wavs")) == 2 and len(os.listdir(f"{out}/1_16k_wavs")) == 1
+    res0 = prepare(str(src), out, pitch_fn=cheap_pitch, **kw)
+    assert sorted(f[:-4] for f in os.listdir(f"{out}/0_gt_wavs")) == sorted(res0.items)
+    assert sorted(f[:-4] for f in os.listdir(f"{out}/1_16k_wavs")) == sorted(res0.items)
+    shutil.rmtree(out)
     first = Counting(cheap_pitch, fail_after=1)
     with pytest.raises(KeyboardInterrupt):
         prepare(str(src), out, pitch_fn=first, **kw)

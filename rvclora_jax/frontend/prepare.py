@@ -48,7 +48,7 @@ import numpy as np
 from ..data import LAYOUTS
 from ..fileio import atomic_write
 from ..utterance import FEATURE_DIM
-from .audio_io import AudioError, DOWNMIX, write_wav
+from .audio_io import AUDIO_EXTENSIONS, DOWNMIX, AudioError, write_wav
 from .pitch import coarse
 from .preprocess import NUMBERING, PER, preprocess_file
 from .slicer import RVC_SLICER, Slicer
@@ -306,8 +306,8 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
     prefix = f"{speaker_id}_" if layout == "applio" else ""
     for idx0, fname in _progress(entries, len(entries), "preprocess", progress):
         path = os.path.join(raw_dir, fname)
-        if fname.startswith("."):
-            continue  # hidden files (.DS_Store, editors' swap files) are not recordings
+        if fname.startswith(".") and not fname.lower().endswith(AUDIO_EXTENSIONS):
+            continue  # hidden non-audio files (.DS_Store, editors' swap files) are not recordings
         if os.path.isdir(path):
             skip(f"{path}: a folder (recordings must be files directly in {raw_dir})")
             forget(fname)
@@ -336,7 +336,10 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
             srcs[fname] = {"sha256": digest, "idx0": idx0, "segments": [], "notes": [], "error": skipped[-1]}
             man.save(force=False)
             continue
-        names = []
+        names: list[str] = []
+        # recorded before the first write (no hash yet: never reused), so the pieces of a run
+        # interrupted inside this recording are removed by the next run, not left orphaned
+        srcs[fname] = {"sha256": None, "idx0": idx0, "segments": names, "notes": []}
         for seg in pre.segments:
             name = f"{prefix}{idx0}_{seg.idx1}"
             if len(seg.wav16k) < HUBERT_WINDOW:
@@ -344,10 +347,10 @@ def _run(raw_dir, out_dir, entries, P, man, *, sr, version, f0, pitch_fn, featur
                                  f"one content frame ({HUBERT_WINDOW}); skipped")
                 continue
             p = P.of(name)
+            names.append(name)  # before the writes: an interrupted write is cleaned up next time
             write_wav(p["gt"], seg.wav, sr)
             write_wav(p["w16"], seg.wav16k, 16000)
             segs[name] = {"wav16k": _sha256_array(seg.wav16k), "source": fname}
-            names.append(name)
         done["preprocess"] += len(names)
         notes.extend(pre.notes)
         srcs[fname] = {"sha256": digest, "idx0": idx0, "segments": names, "notes": pre.notes}
