@@ -18,7 +18,7 @@ import soundfile as sf
 from scipy.io import wavfile
 
 from rvclora_jax.data import load_items, scan_experiment
-from rvclora_jax.frontend.pitch import coarse, harvest
+from rvclora_jax.frontend.pitch import harvest
 from rvclora_jax.frontend.prepare import MANIFEST, prepare
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -323,3 +323,23 @@ def test_cli(raw, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(tmp_path / "bad")
     # `rvclora train --data` can tell recordings from an experiment
     assert cli_prepare.is_recordings_folder(str(raw)) and not cli_prepare.is_recordings_folder(out)
+
+
+def test_coarse_and_methods():
+    from rvclora_jax.frontend.pitch import coarse, pitch_method
+
+    f0 = np.concatenate([[0.0, 49.9, 50.0, 100.0, 220.0, 440.0, 1000.0, 1100.0, 5000.0],
+                         np.linspace(0, 1500, 20001)])
+    mel = 1127 * np.log(1 + f0 / 700)
+    lo, hi = 1127 * np.log(1 + 50 / 700), 1127 * np.log(1 + 1100 / 700)
+    q = mel.copy()
+    q[q > 0] = (q[q > 0] - lo) * 254 / (hi - lo) + 1
+    q[q <= 1] = 1
+    q[q > 255] = 255
+    got = coarse(f0)
+    np.testing.assert_array_equal(got, np.rint(q).astype(int))
+    assert got[:9].tolist() == [1, 1, 1, 20, 60, 122, 238, 255, 255]
+    with pytest.raises(ValueError, match="unknown f0 method"):
+        pitch_method("crepe")
+    with pytest.raises(ValueError, match="no model file"):
+        pitch_method("harvest", "rmvpe.pt")

@@ -72,7 +72,8 @@ def read_audio(path: str) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(path, dtype="float32", always_2d=False)
     except Exception as e:  # noqa: BLE001 - libsndfile's errors (format, truncation) all name the file
-        raise AudioError(f"{path}: not a readable audio file ({' '.join(str(e).split()) or type(e).__name__})") from None
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise AudioError(f"{path}: not a readable audio file ({why})") from None
     return _checked(path, np.asarray(data, np.float32), int(rate))
 
 

@@ -57,19 +57,18 @@ def _pyworld():
         if e.name != "pkg_resources":
             raise ImportError("the harvest f0 method needs the 'pyworld' package: "
                               "pip install 'rvclora-jax[prepare]'") from None
+    import glob
+    import os
+
     spec = importlib.util.find_spec("pyworld")
     for folder in spec.submodule_search_locations or []:
-        import glob
-        import os
-
-        for path in glob.glob(os.path.join(folder, "pyworld*" + importlib.machinery.EXTENSION_SUFFIXES[0])) + \
-                glob.glob(os.path.join(folder, "pyworld*.so")) + glob.glob(os.path.join(folder, "pyworld*.pyd")):
-            loader = importlib.machinery.ExtensionFileLoader("pyworld.pyworld", path)
-            mod_spec = importlib.util.spec_from_file_location("pyworld.pyworld", path, loader=loader)
-            mod = importlib.util.module_from_spec(mod_spec)
-            loader.exec_module(mod)
-            sys.modules.setdefault("pyworld.pyworld", mod)
-            return mod
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            for path in glob.glob(os.path.join(folder, "pyworld" + suffix)):
+                loader = importlib.machinery.ExtensionFileLoader("pyworld.pyworld", path)
+                mod = importlib.util.module_from_spec(
+                    importlib.util.spec_from_file_location("pyworld.pyworld", path, loader=loader))
+                loader.exec_module(mod)
+                return sys.modules.setdefault("pyworld.pyworld", mod)
     raise ImportError("pyworld is installed but its extension module was not found: reinstall pyworld")
 
 
