@@ -7,15 +7,30 @@ compiled executable and returns freed heap pages to the OS after each test modul
 the peak is set by the largest single module, not by the sum of all of them. The peak
 RSS is printed at the end of the run (``peak RSS`` line)."""
 
+import atexit
 import ctypes
 import ctypes.util
 import gc
 import os
 import resource
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
+
+
+# One persistent XLA compilation cache per test session, shared with every subprocess a
+# test starts (they inherit the environment): a worker compiling the narrow train step an
+# in-process fixture already compiled loads it instead (about a minute per GAN step on 2
+# cores), and so does a module compiling again after the caches were released. Set
+# before jax is imported; never the user's own cache.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="rvclora-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ["RVCLORA_COMPILE_CACHE"] = _XLA_CACHE
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 
 
 def _libc():
