@@ -48,11 +48,9 @@ def _error(path: str, msg: str) -> FCPEFileError:
 
 def _what_else(sd: Mapping[str, Any]) -> str:
     """What a state dict that is not FCPE's looks like, for the error message."""
-    try:
-        spec = families.detect(sd)
-        return f"it holds an {spec.family} {spec.kind} state dict"
-    except DetectionError:
-        pass
+    for fam in families.FAMILIES.values():
+        if fam.name != FCPE_FAMILY.name and fam.recognises(sd):
+            return f"its keys are those of the {fam.name} family: {fam.signature}"
     keys = sorted(map(str, sd))
     if any(k.startswith("feature_extractor.") for k in keys):
         return "it looks like a HuBERT/ContentVec checkpoint (feature_extractor.* keys)"
