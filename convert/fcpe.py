@@ -17,6 +17,7 @@ weights that do not fit.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any, Mapping
@@ -33,6 +34,10 @@ from rvclora_jax.families.fcpe import FCPE_FAMILY
 from rvclora_jax.frontend.fcpe import FCPE, cent_table
 from rvclora_jax.tree import TreeMismatch
 
+# torchfcpe 0.0.4's bundled checkpoint (torchfcpe/assets/fcpe_c_v001.pt, 43,363,260 bytes).
+BUNDLED_SHA256 = "b9aeaeb673436eeda50ceafd632aa681aa63417e52eae4207503d180c9b10015"
+BUNDLED_NAME = "fcpe_c_v001.pt"
+
 # A table that differs from the config's by more than this (in cents) means the file's
 # config is not the one its weights were trained with.
 _CENT_TABLE_TOLERANCE = 0.05
@@ -44,6 +49,21 @@ class FCPEFileError(RVCFileError):
 
 def _error(path: str, msg: str) -> FCPEFileError:
     return FCPEFileError(str(_fail(path, msg)))
+
+
+def bundled_checkpoint() -> str | None:
+    """The path of ``fcpe_c_v001.pt`` inside an installed ``torchfcpe`` wheel, or None.
+
+    Found without importing torchfcpe (whose import needs torchaudio)."""
+    try:
+        spec = importlib.util.find_spec("torchfcpe")
+    except (ImportError, ValueError):
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(root, "assets", BUNDLED_NAME)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
 
 
 def _what_else(sd: Mapping[str, Any]) -> str:
@@ -131,4 +151,4 @@ def load_fcpe(path: str | os.PathLike, *, dtype=None, param_dtype=None) -> FCPE:
     return model
 
 
-__all__ = ["FCPEFileError", "load_fcpe", "read_fcpe"]
+__all__ = ["FCPEFileError", "load_fcpe", "read_fcpe", "bundled_checkpoint", "BUNDLED_SHA256"]

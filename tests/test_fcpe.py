@@ -30,7 +30,7 @@ import soundfile as sf  # noqa: E402
 import soxr  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from rvclora_convert.fcpe import FCPEFileError, load_fcpe, read_fcpe  # noqa: E402
+from rvclora_convert.fcpe import BUNDLED_SHA256, FCPEFileError, bundled_checkpoint, load_fcpe, read_fcpe  # noqa: E402
 from rvclora_convert.pth import RVCFileError  # noqa: E402
 from rvclora_jax import families  # noqa: E402
 from rvclora_jax.families.fcpe import FCPE_FAMILY  # noqa: E402
@@ -107,7 +107,7 @@ def jax_out(pitch, pitch512, clips):
     out = {}
     both = pitch512.analyse_batch(list(clips.values()))  # one program, the shorter clip padded
     for (name, x), (f0, mel, sal) in zip(clips.items(), both):
-        out[name] = {"f0": f0, "mel": mel, "salience": sal, "f0_single": pitch(x)}  # alone, 128-frame buckets
+        out[name] = {"f0": f0, "mel": mel, "salience": sal, "f0_single": pitch(x)}  # alone, 64-frame buckets
     return out
 
 
@@ -231,18 +231,24 @@ def test_nearest_resize_is_torch_interpolate(n_in, n_out):
     np.testing.assert_array_equal(nearest_resize(x, n_out), theirs[0, 0].numpy())
 
 
-def test_rvc_settings(pitch512):
-    pitch = pitch512
+def test_rvc_settings(pitch):
     # RVC (rtrvc.py) and Applio (predictors/f0.py): local_argmax, threshold 0.006, and
     # no f0_min/f0_max post-processing (frames below 50 Hz are kept as FCPE gives them).
     assert RVC_THRESHOLD == 0.006
     assert pitch.threshold == 0.006 and pitch.decoder == "local_argmax"
     assert pitch.f0_max is None and pitch.interp_uv is False
-    silence = pitch(np.zeros(8000, np.float32))
-    assert silence.shape == (51,) and np.all(silence == 0)
+    silence = pitch(np.zeros(16000, np.float32))  # the shape of the short-clip batch's 1 s clip: no compile
+    assert silence.shape == (101,) and np.all(silence == 0)
 
 
 # ----------------------------------------------------------------------------- loader and family
+
+
+def test_bundled_checkpoint_is_found():
+    import hashlib
+
+    assert pathlib.Path(bundled_checkpoint()) == ASSET
+    assert hashlib.sha256(ASSET.read_bytes()).hexdigest() == BUNDLED_SHA256
 
 
 def test_family_paths_are_the_state_dict_keys():

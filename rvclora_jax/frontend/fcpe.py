@@ -441,14 +441,16 @@ class FCPEPitch:
     ``__call__(wav16k (N,)) -> f0 (N//160 + 1,)`` float32 Hz at 100 fps, 0 = unvoiced;
     :meth:`batch` does many clips, bucketed by length (multiples of ``bucket`` frames,
     at most ``max_batch`` clips, batch sizes rounded up to powers of two) and compiled
-    once per (batch, bucket) shape. The optional ``f0_min``/``f0_max``/``interp_uv`` and
+    once per (batch, bucket) shape. The network's cost is in its matmuls, so padding
+    frames cost as much as real ones: 64-frame buckets waste ≤ 15 % on RVC's 3.7 s
+    slices and compile one program per 0.64 s of clip length. The optional ``f0_min``/``f0_max``/``interp_uv`` and
     ``target_length`` reproduce torchfcpe's other ``infer`` options (not used by RVC):
     ``interp_uv`` fills frames below ``f0_min`` (default the model's 32.7 Hz) by linear
     interpolation, ``f0_max`` clips, ``target_length`` resizes (nearest)."""
 
     def __init__(self, model: FCPE, threshold: float = RVC_THRESHOLD, *, decoder: str = "local_argmax",
                  f0_min: float | None = None, f0_max: float | None = None, interp_uv: bool = False,
-                 bucket: int = 128, max_batch: int = 8):
+                 bucket: int = 64, max_batch: int = 8):
         if decoder not in DECODERS:
             raise ValueError(f"unknown FCPE decoder {decoder!r}; known: {', '.join(DECODERS)}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
