@@ -156,14 +156,13 @@ def test_salience_matches_torchfcpe(name, torch_out, jax_out, capsys):
     assert err.max() < 1e-4
 
 
-@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
-def test_network_on_the_same_mel(use_jit, model, ref, torch_out):
-    # The network alone, on torchfcpe's own mel (0.4 s of it: eager mode is slow).
+def test_network_on_the_same_mel(model, ref, torch_out):
+    # The network alone, on torchfcpe's own mel (0.4 s of it). Eager mode is checked on
+    # the tiny layout below (it is slow at this size).
     mel = torch_out[CLIPS[1]]["mel"][100:140]
     with torch.no_grad():
         theirs = ref.model(torch.from_numpy(mel)[None])[0].numpy()
-    run = nnx.jit(lambda m, x: m(x)) if use_jit else (lambda m, x: m(x))
-    ours = np.asarray(run(model, jnp.asarray(mel)[None]))[0]
+    ours = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(mel)[None]))[0]
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
 
 
@@ -320,3 +319,69 @@ def test_wrong_files_get_one_line_errors(case, needle, tmp_path):
     assert isinstance(info.value, RVCFileError)
     assert "\n" not in msg and msg.startswith(str(path)), msg
     assert needle in msg, msg
+
+
+# ----------------------------------------------------------------------------- random weights, tiny layout
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """torchfcpe's CFNaiveMelPE in a tiny conv-only configuration with randomised weights
+    (weight-norm magnitudes away from ‖v‖, non-zero biases and norms), and its port."""
+    from torchfcpe.models import CFNaiveMelPE
+
+    from rvclora_convert.state_dict import torch_to_flax
+    from tests.torch_ref import randomize_
+
+    torch.manual_seed(0)
+    ref_model = CFNaiveMelPE(input_channels=6, out_dims=20, hidden_dims=8, n_layers=2, n_heads=2,
+                             use_fa_norm=True, conv_only=True).eval()
+    randomize_(ref_model, seed=1)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if "norm" in name or name.startswith("input_stack.1"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape) if name.endswith("weight") else 0.2 * torch.randn(p.shape))
+    sd = {k: v.detach().numpy().copy() for k, v in ref_model.state_dict().items()}
+    buffers = ("cent_table", "gaussian_blurred_cent_mask")
+    spec = FCPE_FAMILY.detect({k: v for k, v in sd.items() if k not in buffers}, {})
+    params = torch_to_flax(FCPE_FAMILY.abstract(spec), sd, ignore=buffers)
+    return ref_model, FCPE_FAMILY.materialize(spec, params), spec, params
+
+
+@pytest.mark.parametrize("use_jit", [False, True], ids=["eager", "jit"])
+def test_tiny_random_layout_matches_torch(tiny, use_jit):
+    ref_model, model, spec, _ = tiny
+    assert (spec.config.n_mels, spec.config.hidden_dims, spec.config.n_layers, spec.config.out_dims) == (6, 8, 2, 20)
+    mel = np.random.default_rng(0).standard_normal((2, 37, 6)).astype(np.float32)
+    with torch.no_grad():
+        theirs = ref_model(torch.from_numpy(mel)).numpy()
+    run = nnx.jit(lambda m, x: m(x)) if use_jit else (lambda m, x: m(x))
+    ours = np.asarray(run(model, jnp.asarray(mel)))
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model.cent_table[...]), ref_model.cent_table.numpy(), rtol=0, atol=2e-3)
+
+
+def test_tiny_masked_batch_is_each_clip_alone(tiny):
+    # Two clips of different lengths in one zero-padded batch, with the mask, give what
+    # torch gives for each clip on its own.
+    ref_model, model, _, _ = tiny
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((30, 6)).astype(np.float32), rng.standard_normal((19, 6)).astype(np.float32)
+    batch = np.zeros((2, 30, 6), np.float32)
+    batch[0], batch[1, :19] = a, b
+    mask = np.arange(30)[None] < np.array([[30], [19]])
+    ours = np.asarray(nnx.jit(lambda m, x, k: m(x, k))(model, jnp.asarray(batch), jnp.asarray(mask)))
+    with torch.no_grad():
+        ta, tb = (ref_model(torch.from_numpy(x)[None])[0].numpy() for x in (a, b))
+    np.testing.assert_allclose(ours[0], ta, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours[1, :19], tb, rtol=0, atol=1e-5)
+
+
+def test_tiny_dtypes_and_eval_shape(tiny):
+    _, _, spec, params = tiny
+    shaped = FCPE_FAMILY.abstract(spec, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    leaves = jax.tree.leaves(nnx.state(shaped, nnx.Param))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.dtype == jnp.bfloat16 for x in leaves)
+    model = FCPE_FAMILY.materialize(spec, params, dtype=jnp.bfloat16)  # bf16 compute, fp32 params
+    y = nnx.jit(lambda m, x: m(x))(model, jnp.ones((1, 12, 6), jnp.float32))
+    assert y.dtype == jnp.bfloat16 and y.shape == (1, 12, 20) and bool(jnp.all(jnp.isfinite(y)))
