@@ -34,8 +34,8 @@ from rvclora_convert.fcpe import BUNDLED_SHA256, FCPEFileError, bundled_checkpoi
 from rvclora_convert.pth import RVCFileError  # noqa: E402
 from rvclora_jax import families  # noqa: E402
 from rvclora_jax.families.fcpe import FCPE_FAMILY  # noqa: E402
-from rvclora_jax.frontend.fcpe import (FCPEPitch, mel_filterbank, nearest_resize,  # noqa: E402
-                                       RVC_THRESHOLD)
+from rvclora_jax.frontend.fcpe import (FCPEPitch, RVC_THRESHOLD, decode, mel_filterbank,  # noqa: E402
+                                       nearest_resize)
 from rvclora_jax.tree import flatten  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -123,12 +123,13 @@ def f0_agreement(f0: np.ndarray, f0_ref: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------- mel
 
 
-def test_mel_filterbank_is_librosas():
+@pytest.mark.parametrize("sr,n_fft,n_mels,fmin,fmax", [(16000, 1024, 128, 0, 8000), (22050, 2048, 80, 30, 11025)])
+def test_mel_filterbank_is_librosas(sr, n_fft, n_mels, fmin, fmax):
     librosa = pytest.importorskip("librosa")
-    ours = mel_filterbank(16000, 1024, 128, 0.0, 8000.0)
-    theirs = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=128, fmin=0, fmax=8000)
+    ours = mel_filterbank(sr, n_fft, n_mels, float(fmin), float(fmax))
+    theirs = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
     assert ours.dtype == theirs.dtype == np.float32
-    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(ours, theirs)  # bit for bit
 
 
 @pytest.mark.parametrize("name", CLIPS)
@@ -182,6 +183,20 @@ def test_f0_matches_torchfcpe_on_real_speech(name, clips, torch_out, jax_out, ca
     assert stats["voicing_pct"] >= 99.5
     assert stats["p95"] < 0.05 and stats["max"] < 1.0      # 1 cent = 0.06 % of the frequency
     assert np.all(ours[ours <= 0] == 0) and np.all(theirs[theirs <= 0] == 0)  # unvoiced is exactly 0
+
+
+@pytest.mark.parametrize("decoder", ["local_argmax", "argmax"])
+@pytest.mark.parametrize("threshold", [0.006, 0.05])
+def test_decoders_on_real_salience(decoder, threshold, ref, model, torch_out):
+    # torchfcpe's two cents decoders on its own salience of real speech.
+    sal = np.concatenate([torch_out[n]["salience"] for n in CLIPS])
+    fn = ref.model.latent2cents_local_decoder if decoder == "local_argmax" else ref.model.latent2cents_decoder
+    with torch.no_grad():
+        theirs = ref.model.cent_to_f0(fn(torch.from_numpy(sal)[None], threshold=threshold))[0, :, 0].numpy()
+    ours = np.asarray(decode(jnp.asarray(sal), model.cent_table[...], threshold=threshold, decoder=decoder))
+    assert 0.1 < np.mean(theirs > 0) < 1.0  # both voiced and unvoiced frames
+    np.testing.assert_array_equal(ours > 0, theirs > 0)
+    np.testing.assert_allclose(ours, theirs, rtol=2e-6, atol=0)
 
 
 def test_batch_is_exact(jax_out):
