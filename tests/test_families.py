@@ -163,7 +163,8 @@ def toy_state_dict(width=3, head=True, seed=0):
 
 
 def test_registered_family_is_detected_for_its_own_keys(toy):
-    assert list(families.FAMILIES) == ["rvc", "toy"]
+    names = list(families.FAMILIES)
+    assert names[0] == "rvc" and names[-1] == "toy"  # registered last; the front-end families sit between
     assert families.detect(toy_state_dict(5)) == ModelSpec("toy", "generator", "t1", config=5,
                                                            with_training_only=True)
     assert families.detect(rvc_discriminator_layout("v1")).family == "rvc"
@@ -183,7 +184,7 @@ def test_register_before_puts_a_refining_family_first(toy):
 
     families.register(Greedy(), before="rvc")
     try:
-        assert list(families.FAMILIES) == ["greedy", "rvc", "toy"]
+        assert list(families.FAMILIES)[:2] == ["greedy", "rvc"] and list(families.FAMILIES)[-1] == "toy"
         with pytest.raises(KeyError):  # greedy's detect wins, and needs body.kernel
             families.detect(rvc_discriminator_layout("v1"))
     finally:
