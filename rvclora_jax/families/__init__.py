@@ -32,3 +32,4 @@ from . import rvc  # noqa: E402,F401
 
 __all__ = ["FAMILIES", "DetectionError", "Family", "ModelSpec", "detect", "dtype_kwargs", "get",
            "register", "unregister", "rvc"]
+from . import rmvpe  # noqa: E402,F401  (issue 13: RVC's RMVPE pitch network)
