@@ -529,7 +529,9 @@ def to_local_average_cents(salience: np.ndarray, threshold: float = DEFAULT_THRE
     center = np.argmax(s, axis=1)
     padded = np.pad(s, ((0, 0), (4, 4)))
     window = center[:, None] + np.arange(9)[None, :]        # padded indices c-4+4 … c+4+4
-    w = np.take_along_axis(padded, window, axis=1).astype(np.float64)
+    w = np.take_along_axis(padded, window, axis=1)
+    # as RVC: products in float64 (the cents table's dtype), the weight sum in the salience's
+    # own dtype (float32 from the network), so the result is RVC's to the last bit
     cents = np.sum(w * _CENTS[window], axis=1) / np.sum(w, axis=1)
     cents[np.max(s, axis=1) <= threshold] = 0.0
     return cents
@@ -603,11 +605,11 @@ class RMVPEPitch:
     def __call__(self, wav16k: np.ndarray) -> np.ndarray:
         return self.decode(self.salience(wav16k))
 
-    def batch(self, wavs: Sequence[np.ndarray], *, batch_size: int | None = None,
-              progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-        """f0 of every clip, in input order. Clips of similar length share a batch (sorted by
-        length, ``batch_size`` at a time); ``progress(n)`` is called after each batch with
-        the number of clips it held."""
+    def batch_salience(self, wavs: Sequence[np.ndarray], *, batch_size: int | None = None,
+                       progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """The salience of every clip, in input order. Clips of similar length share a batch
+        (sorted by length, ``batch_size`` at a time); ``progress(n)`` is called after each
+        batch with the number of clips it held."""
         bs = int(batch_size or self.batch_size)
         wavs = [np.asarray(w, np.float32) for w in wavs]
         order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
@@ -615,10 +617,15 @@ class RMVPEPitch:
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             for i, s in zip(idx, self._salience_batch([wavs[i] for i in idx])):
-                out[i] = self.decode(s)
+                out[i] = s
             if progress is not None:
                 progress(len(idx))
         return out
+
+    def batch(self, wavs: Sequence[np.ndarray], *, batch_size: int | None = None,
+              progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """f0 of every clip (as :meth:`__call__`), in input order; batched as :meth:`batch_salience`."""
+        return [self.decode(s) for s in self.batch_salience(wavs, batch_size=batch_size, progress=progress)]
 
 
 __all__ = ["RMVPE", "RMVPEConfig", "RMVPEPitch", "OFFICIAL_SHA256", "mel_filterbank", "hann_window", "log_mel",
