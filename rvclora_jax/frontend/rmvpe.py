@@ -585,13 +585,20 @@ class RMVPEPitch:
     def _salience_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
         frames = [n_frames(len(w)) for w in wavs]
         tb = max(bucket_frames(f) for f in frames)
-        length = (tb - 1) * HOP + N_FFT
-        padded = np.zeros((len(wavs), length), np.float32)
+        # room for every padded clip (N + 1024 < tb·160 + 1024); framing reads the first
+        # (tb - 1)·160 + 1024 samples
+        length = tb * HOP + N_FFT
+        # the batch axis is bucketed too (powers of two): a short last batch reuses a program;
+        # the filler rows have valid length 0, so they are all masked
+        rows = 1 << (len(wavs) - 1).bit_length()
+        padded = np.zeros((rows, length), np.float32)
         for i, w in enumerate(wavs):
             p = center_pad(w)
             padded[i, :p.size] = p
-        fv = np.asarray(frames, np.int32)
-        nv = np.asarray([padded_frames(f) for f in frames], np.int32)
+        fv = np.zeros(rows, np.int32)
+        fv[:len(wavs)] = frames
+        nv = np.zeros(rows, np.int32)
+        nv[:len(wavs)] = [padded_frames(f) for f in frames]
         sal = np.asarray(self._run(self._state, padded, fv, nv, frames=tb))
         return [sal[i, :f] for i, f in enumerate(frames)]
 
