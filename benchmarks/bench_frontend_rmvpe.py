@@ -11,10 +11,11 @@ What is timed, per call, after one warm-up call (which includes jit compilation)
 
 * batch 1: one clip of ``--seconds`` s at 16 kHz, wav → f0 (mel, network, decoding).
   torch: ``RMVPE.infer_from_audio(wav, thred=0.03)``; JAX: ``RMVPEPitch(model)(wav)``.
-* ``--threads 1``: both single-threaded, for CPU time free of idle threads' spin-waiting.
 * batch 8: eight clips of that length. torch: RVC's mel extractor and ``mel2hidden`` on the
   stacked batch (the torch model batched, a stronger baseline than RVC's own one clip at
   a time) and its decoder per clip; JAX: ``RMVPEPitch.batch(wavs, batch_size=8)``.
+* ``--threads 1``: both single-threaded (torch ``set_num_threads(1)``, XLA without its Eigen
+  thread pool), for CPU time free of idle threads' spin-waiting on a loaded machine.
 
 Each framework runs in its own process (``--worker``), the two alternate, and every
 round is repeated ``--rounds`` times. Reported: medians of CPU time (user + sys of the
