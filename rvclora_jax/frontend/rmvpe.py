@@ -22,8 +22,9 @@ The stages, each a function or module here:
 Layout: channels-last, ``[batch, time, mel, channels]`` (torch's ``[batch, channels, time,
 mel]``). Parameter paths are the torch ``state_dict`` keys (``unet.encoder.layers.0.conv.0
 .conv.0.weight`` ⇒ ``unet/encoder/layers/0/conv/0/conv/0/kernel``); :func:`torch_layout`
-lists the mapping. Batch norm runs in inference mode, folded into the preceding conv at
-call time (the stored values stay the file's).
+lists the mapping. Batch norm runs in inference mode, folded into the preceding conv: at
+call time in :class:`RMVPE` itself (the stored values stay the file's), once up front in
+the copy :func:`fold_batch_norm` makes, which :class:`RMVPEPitch` runs.
 
 Batches and buckets: a clip's result depends on its own padded length (the backward GRU
 starts in the padding, and the convs see zeros past the end), so a batch of clips padded
