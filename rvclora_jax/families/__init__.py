@@ -33,3 +33,4 @@ from . import fcpe  # noqa: E402,F401  (torchfcpe's CFNaiveMelPE pitch estimator
 
 __all__ = ["FAMILIES", "DetectionError", "Family", "ModelSpec", "detect", "dtype_kwargs", "get",
            "register", "unregister", "rvc"]
+from . import rmvpe  # noqa: E402,F401  (issue 13: RVC's RMVPE pitch network)

@@ -1,0 +1,163 @@
+"""RMVPE pitch tracking: this port (JAX, jit) against RVC's own torch ``rvc.lib.rmvpe`` on this CPU.
+
+Usage::
+
+    python benchmarks/bench_frontend_rmvpe.py [--model rmvpe.pt] [--seconds 2] [--rounds 3] [--reps 2]
+
+Without ``--model`` a full-size ``E2E(4, 1, (2, 2))`` with random weights (RVC's layout,
+90 M parameters) is written to a temporary file; speed does not depend on the values.
+
+What is timed, per call, after one warm-up call (which includes jit compilation):
+
+* batch 1: one clip of ``--seconds`` s at 16 kHz, wav → f0 (mel, network, decoding).
+  torch: ``RMVPE.infer_from_audio(wav, thred=0.03)``; JAX: ``RMVPEPitch(model)(wav)``.
+* batch 8: eight clips of that length. torch: RVC's mel extractor and ``mel2hidden`` on the
+  stacked batch (the torch model batched, a stronger baseline than RVC's own one clip at
+  a time) and its decoder per clip; JAX: ``RMVPEPitch.batch(wavs, batch_size=8)``.
+* ``--threads 1``: both single-threaded (torch ``set_num_threads(1)``, XLA without its Eigen
+  thread pool), for CPU time free of idle threads' spin-waiting on a loaded machine.
+
+Each framework runs in its own process (``--worker``), the two alternate, and every
+round is repeated ``--rounds`` times. Reported: medians of CPU time (user + sys of the
+process, all threads: what the work costs when the machine is shared) and of wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _clips(batch: int, seconds: float):
+    import numpy as np
+    sr = 16000
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(batch):
+        f0 = (110 + 15 * i) * 2 ** (t / seconds)
+        ph = 2 * np.pi * np.cumsum(f0) / sr
+        x = sum(np.sin(k * ph) / k for k in range(1, 6))
+        out.append((0.3 * x / np.abs(x).max() + 1e-3 * rng.standard_normal(t.size)).astype(np.float32))
+    return out
+
+
+def _cpu() -> float:
+    r = os.times()
+    return r.user + r.system
+
+
+def worker(framework: str, model: str, batch: int, seconds: float, reps: int, threads: int | None = None) -> dict:
+    warnings.simplefilter("ignore")
+    if threads and framework == "jax":  # before jax is imported
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   f" intra_op_parallelism_threads={threads}").strip()
+    wavs = _clips(batch, seconds)
+    if framework == "torch":
+        import numpy as np
+        import torch
+        from rvc.lib.rmvpe import RMVPE
+        if threads:
+            torch.set_num_threads(threads)
+        ref = RMVPE(model, is_half=False, device="cpu")
+
+        def run():
+            if batch == 1:
+                return [ref.infer_from_audio(wavs[0], thred=0.03)]
+            with torch.no_grad():
+                mel = ref.mel_extractor(torch.from_numpy(np.stack(wavs)), center=True)
+                hidden = ref.mel2hidden(mel).numpy()
+            return [ref.decode(h, thred=0.03) for h in hidden]
+        threads = torch.get_num_threads()
+    else:
+        from rvclora_convert.rmvpe import load_rmvpe
+        from rvclora_jax.frontend.rmvpe import RMVPEPitch
+        pitch = RMVPEPitch(load_rmvpe(model, check_hash=False))
+
+        def run():
+            return [pitch(wavs[0])] if batch == 1 else pitch.batch(wavs, batch_size=batch)
+        threads = threads or os.cpu_count()
+    w0, c0 = time.perf_counter(), _cpu()
+    run()
+    first = (time.perf_counter() - w0, _cpu() - c0)
+    walls, cpus = [], []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter(), _cpu()
+        run()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(_cpu() - c0)
+    return dict(framework=framework, batch=batch, wall=statistics.median(walls), cpu=statistics.median(cpus),
+                first_wall=first[0], first_cpu=first[1], threads=threads)
+
+
+def _write_fake(path: str) -> None:
+    import torch
+    from rvc.lib.rmvpe import E2E
+    torch.manual_seed(0)
+    torch.save(E2E(4, 1, (2, 2)).eval().state_dict(), path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="an rmvpe.pt (default: a random full-size one in a temp dir)")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2, help="timed calls per process (median)")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--threads", type=int, help="limit both frameworks to this many threads (1: CPU time "
+                                                "without the spin-waiting of idle threads on a loaded machine)")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.model, a.batch, a.seconds, a.reps, a.threads)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = a.model or os.path.join(tmp, "rmvpe.pt")
+        if not a.model:
+            _write_fake(model)
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, ".pyshim"), env.get("PYTHONPATH", "")])
+        results: dict[tuple[str, int], list[dict]] = {}
+        for rnd in range(a.rounds):
+            for batch in (int(b) for b in a.batches.split(",")):
+                order = ("torch", "jax") if rnd % 2 == 0 else ("jax", "torch")
+                for fw in order:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--worker", fw, "--model", model,
+                           "--batch", str(batch), "--seconds", str(a.seconds), "--reps", str(a.reps)]
+                    if a.threads:
+                        cmd += ["--threads", str(a.threads)]
+                    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+                    r = json.loads(out.strip().splitlines()[-1])
+                    results.setdefault((fw, batch), []).append(r)
+                    print(f"round {rnd} batch {batch} {fw:5s}: cpu {r['cpu']:.2f} s wall {r['wall']:.2f} s "
+                          f"(first call cpu {r['first_cpu']:.1f} s wall {r['first_wall']:.1f} s)", flush=True)
+    print(f"\nRMVPE, {a.seconds:g} s clips at 16 kHz, medians over {a.rounds} rounds x {a.reps} calls "
+          f"({os.cpu_count()} CPUs, threads {a.threads or 'default'}, load average at end {os.getloadavg()[0]:.1f}):")
+    print(f"{'batch':>5} {'torch cpu':>10} {'jax cpu':>8} {'cpu x':>6} {'torch wall':>11} {'jax wall':>9} {'wall x':>7}")
+    summary = []
+    for batch in (int(b) for b in a.batches.split(",")):
+        t = {k: statistics.median(r[k] for r in results[("torch", batch)]) for k in ("cpu", "wall")}
+        j = {k: statistics.median(r[k] for r in results[("jax", batch)]) for k in ("cpu", "wall")}
+        print(f"{batch:>5} {t['cpu']:>9.2f}s {j['cpu']:>7.2f}s {t['cpu'] / j['cpu']:>5.2f}x "
+              f"{t['wall']:>10.2f}s {j['wall']:>8.2f}s {t['wall'] / j['wall']:>6.2f}x")
+        summary.append(dict(batch=batch, torch=t, jax=j, cpu_speedup=t["cpu"] / j["cpu"],
+                            wall_speedup=t["wall"] / j["wall"]))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(dict(seconds=a.seconds, rounds=a.rounds, reps=a.reps, threads=a.threads, summary=summary,
+                           raw={f"{k[0]}/{k[1]}": v for k, v in results.items()}), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
