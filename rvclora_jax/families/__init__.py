@@ -29,6 +29,7 @@ from .base import (FAMILIES, DetectionError, Family, ModelSpec, detect, dtype_kw
 
 # The registered families, in detection order.
 from . import rvc  # noqa: E402,F401
+from . import hubert  # noqa: E402,F401
 
 __all__ = ["FAMILIES", "DetectionError", "Family", "ModelSpec", "detect", "dtype_kwargs", "get",
            "register", "unregister", "rvc"]

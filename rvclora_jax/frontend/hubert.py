@@ -41,6 +41,7 @@ bucket or on its batch neighbours (up to float summation order).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -328,13 +329,33 @@ class Encoder(nnx.Module):
         self.layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.layers = nnx.List([EncoderLayer(cfg, **kw, rngs=rngs) for _ in range(cfg.num_layers)])
 
-    def __call__(self, x, key_mask=None, n_layers: int | None = None):
+    def __call__(self, x, key_mask=None, n_layers: int | None = None, stacked=None):
+        """``stacked``: ``(graphdef, state)`` of one layer with the first ``n_layers``
+        layers' states stacked on a leading axis (:func:`stack_layers`); the layers then
+        run as one ``lax.scan`` (compiled once, not once per layer)."""
         if key_mask is not None:  # padded frames read as zeros by the positional conv (as unpadded)
             x = jnp.where(key_mask[..., None], x, 0)
         x = self.layer_norm(x + self.pos_conv_embed(x))
+        if stacked is not None:
+            layer_def, layer_states = stacked
+
+            def step(h, st):
+                return nnx.merge(layer_def, st)(h, key_mask), None
+
+            x, _ = jax.lax.scan(step, x, layer_states)
+            return x
         for layer in list(self.layers)[: len(self.layers) if n_layers is None else n_layers]:
             x = layer(x, key_mask)
         return x
+
+
+def stack_layers(encoder: Encoder, n_layers: int):
+    """``(graphdef, state)`` of ``encoder.layers[0]`` with the states of the first
+    ``n_layers`` layers stacked (leading axis), for :meth:`Encoder.__call__`'s scan."""
+    layers = list(encoder.layers)[:n_layers]
+    layer_def, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+    return layer_def, jax.tree.map(lambda *a: jnp.stack(a), *states)
 
 
 class Hubert(nnx.Module):
@@ -353,22 +374,28 @@ class Hubert(nnx.Module):
         self.final_proj = (Dense(config.hidden_size, config.final_proj_dim, **kw)
                            if config.final_proj_dim else nnx.data(None))
 
-    def __call__(self, wav, n_samples=None, *, output_layer: int | None = None, final_proj: bool = False):
+    def n_layers(self, output_layer: int | None) -> int:
+        """How many Transformer layers fairseq's ``output_layer`` runs."""
+        return self.config.num_layers if output_layer is None else max(0, min(int(output_layer),
+                                                                               self.config.num_layers))
+
+    def __call__(self, wav, n_samples=None, *, output_layer: int | None = None, final_proj: bool = False,
+                 stacked=None):
         """``wav [B, N]`` (16 kHz) → features ``[B, T, C]`` with ``T = frames(N)``.
 
         ``n_samples [B]`` (int): the real length of each padded row; frames past
         ``frames(n_samples)`` are then garbage and must be cut by the caller, but the
         real ones equal those of the unpadded clip. ``output_layer`` is fairseq's
         (1-based; ``None`` or larger than the model: the last layer; 0: the encoder's
-        input after the positional conv and LayerNorm). ``final_proj`` applies it."""
+        input after the positional conv and LayerNorm). ``final_proj`` applies it.
+        ``stacked``: :func:`stack_layers` of those layers, to run them as a scan."""
         x = self.feature_extractor(wav, n_samples)
         x = self.feature_projection(x)
         key_mask = None
         if n_samples is not None:
             valid = conv_frames(jnp.asarray(n_samples), self.config.conv_layers)
             key_mask = jnp.arange(x.shape[1])[None, :] < valid[:, None]
-        n_layers = None if output_layer is None else max(0, min(int(output_layer), self.config.num_layers))
-        x = self.encoder(x, key_mask, n_layers)
+        x = self.encoder(x, key_mask, self.n_layers(output_layer), stacked)
         if final_proj:
             if self.final_proj is None:
                 raise ValueError("this HuBERT model has no final_proj (an HF HubertModel without Applio's "
@@ -396,6 +423,17 @@ def bucket_frames(t: int) -> int:
     return -(-t // step) * step
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _extract(graphdef, layer_def, output_layer, final_proj, dtype, state, stacked, wav, n):
+    # One jit for every ContentFeatures: models of the same structure (graphdef) share
+    # their compiled buckets.
+    m = nnx.merge(graphdef, state)  # (its per-layer weights are unused arguments: see `stacked`)
+    if dtype is not None:
+        wav = wav.astype(dtype)
+    return m(wav, n, output_layer=output_layer, final_proj=final_proj,
+             stacked=(layer_def, stacked) if layer_def is not None else None).astype(jnp.float32)
+
+
 class ContentFeatures:
     """RVC's content-feature extractor on a :class:`Hubert`: ``__call__(wav16k)`` for one
     clip, :meth:`batch` for many. ``output``: ``"v2"`` (layer 12, 768-d), ``"v1"`` (RVC:
@@ -421,18 +459,16 @@ class ContentFeatures:
         self.config: HubertConfig = model.config
         self.normalize = self.config.normalize_waveform if normalize is None else bool(normalize)
         self.dim = self.config.final_proj_dim if proj else self.config.hidden_size
+        n_layers = model.n_layers(layer)
+        # The Transformer layers run as one scan over their stacked weights: XLA then
+        # compiles one layer, not twelve (on a CPU ~1 s of compile time per layer and
+        # bucket). The model's own per-layer weights are not passed in.
+        layer_def, stacked = stack_layers(model.encoder, n_layers) if n_layers else (None, None)
         graphdef, state = nnx.split(model)
-        if dtype is not None:
-            state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
-        self._state, self._dtype = state, dtype
-
-        def run(state, wav, n):
-            m = nnx.merge(graphdef, state)
-            if dtype is not None:
-                wav = wav.astype(dtype)
-            return m(wav, n, output_layer=layer, final_proj=proj).astype(jnp.float32)
-
-        self._run = jax.jit(run)
+        cast = (lambda t: t) if dtype is None else (lambda t: jax.tree.map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
+        self._state, self._stacked = cast(state), cast(stacked)
+        self._static = (graphdef, layer_def, layer, proj, None if dtype is None else jnp.dtype(dtype).name)
 
     def frames(self, n_samples: int) -> int:
         return frames(n_samples, self.config.conv_layers)
@@ -459,7 +495,7 @@ class ContentFeatures:
             x[i, : w.size] = w
             n[i] = w.size
         n[len(wavs):] = n_pad  # filler rows: full length (their output is dropped)
-        y = np.asarray(self._run(self._state, jnp.asarray(x), jnp.asarray(n)))
+        y = np.asarray(_extract(*self._static, self._state, self._stacked, jnp.asarray(x), jnp.asarray(n)))
         return [y[i, : self.frames(w.size)] for i, w in enumerate(wavs)]
 
     def __call__(self, wav16k) -> np.ndarray:
@@ -498,5 +534,5 @@ class ContentFeatures:
         return out  # type: ignore[return-value]
 
 
-__all__ = ["HubertConfig", "Hubert", "ContentFeatures", "OUTPUTS", "HUBERT_BASE_CONV", "frames", "conv_frames",
+__all__ = ["HubertConfig", "Hubert", "ContentFeatures", "stack_layers", "OUTPUTS", "HUBERT_BASE_CONV", "frames", "conv_frames",
            "bucket_frames", "normalize_waveform", "strided_conv", "SAMPLE_RATE", "FRAME_RATE"]
