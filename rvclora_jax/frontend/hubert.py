@@ -173,31 +173,6 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)  # fairseq and HF use the exact erf form
 
 
-def strided_conv(x, kernel, stride: int):
-    """Valid (unpadded) conv1d of ``x [B, T, C]`` with ``kernel [K, C, O]`` and ``stride``,
-    as matmuls over stride-sized blocks of frames.
-
-    Folding each run of ``stride`` input frames into one row turns tap ``j`` of output
-    ``t`` into column block ``j % stride`` of row ``t + j // stride``, so the conv is
-    ``ceil(K / stride)`` matmuls with a contraction of up to ``stride·C``: the same
-    sums, but XLA's CPU backend runs these GEMMs much faster than its strided conv."""
-    b, t, c = x.shape
-    k, _, o = kernel.shape
-    t_out = (t - k) // stride + 1
-    n_blocks = -(-k // stride)
-    rows = t_out + n_blocks - 1
-    need = rows * stride
-    x = x[:, :need] if t >= need else jnp.pad(x, ((0, 0), (0, need - t), (0, 0)))
-    xr = x.reshape(b, rows, stride * c)
-    y = None
-    for m in range(n_blocks):
-        taps = min(k, (m + 1) * stride) - m * stride
-        w = kernel[m * stride: m * stride + taps].reshape(taps * c, o)
-        part = xr[:, m: m + t_out, : taps * c] @ w
-        y = part if y is None else y + part
-    return y
-
-
 class FeatureConvLayer(nnx.Module):
     """One conv of the feature encoder: conv (no bias in hubert-base) → [GroupNorm] → GELU."""
 
@@ -209,15 +184,9 @@ class FeatureConvLayer(nnx.Module):
                            if group_norm else nnx.data(None))
 
     def __call__(self, x, mask=None):
-        conv = self.conv
-        bias = conv.bias[...] if conv.bias is not None else None
-        x, kernel, bias = promote_dtype((x, conv.kernel[...], bias), dtype=conv.dtype)
-        if conv.has_lora:  # not a fast path: the layer's own conv, adapter included
-            y = conv(x)
-        else:
-            y = strided_conv(x, kernel, conv.stride)
-            if bias is not None:
-                y = y + bias
+        # XLA's own strided conv: on this CPU it beat the same conv written as
+        # stride-blocked matmuls (0.48 s vs 0.59 s CPU for two 3.7 s clips).
+        y = self.conv(x)
         if self.layer_norm is not None:
             y = self.layer_norm(y, mask)
         return _gelu(y)
@@ -287,8 +256,15 @@ class Attention(nnx.Module):
     def __call__(self, x, key_mask=None):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.heads, self.head_dim)  # noqa: E731
-        q = split(self.q_proj(x)) * jnp.asarray(self.head_dim ** -0.5, x.dtype)
-        k, v = split(self.k_proj(x)), split(self.v_proj(x))
+        if any(p.has_lora for p in (self.q_proj, self.k_proj, self.v_proj)):
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one GEMM for q, k and v (three reads of x become one)
+            ps = (self.q_proj, self.k_proj, self.v_proj)
+            x_, kern, bias = promote_dtype((x, jnp.concatenate([p.kernel[...] for p in ps], 1),
+                                            jnp.concatenate([p.bias[...] for p in ps])), dtype=self.q_proj.dtype)
+            q, k, v = jnp.split(x_ @ kern + bias, 3, axis=-1)
+        q = split(q) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+        k, v = split(k), split(v)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
         if key_mask is not None:
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
@@ -535,4 +511,4 @@ class ContentFeatures:
 
 
 __all__ = ["HubertConfig", "Hubert", "ContentFeatures", "stack_layers", "OUTPUTS", "HUBERT_BASE_CONV", "frames", "conv_frames",
-           "bucket_frames", "normalize_waveform", "strided_conv", "SAMPLE_RATE", "FRAME_RATE"]
+           "bucket_frames", "normalize_waveform", "SAMPLE_RATE", "FRAME_RATE"]
