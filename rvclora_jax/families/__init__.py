@@ -27,10 +27,12 @@ from __future__ import annotations
 from .base import (FAMILIES, DetectionError, Family, ModelSpec, detect, dtype_kwargs, get, register,
                    unregister)
 
-# The registered families, in detection order.
+# The registered families, in detection order: RVC's voice models, then the front end's
+# networks (issue 13), whose state dicts share no keys with RVC's.
 from . import rvc  # noqa: E402,F401
+from . import hubert  # noqa: E402,F401  (HuBERT/ContentVec content encoder)
+from . import rmvpe  # noqa: E402,F401  (RVC's RMVPE pitch network)
 from . import fcpe  # noqa: E402,F401  (torchfcpe's CFNaiveMelPE pitch estimator)
 
 __all__ = ["FAMILIES", "DetectionError", "Family", "ModelSpec", "detect", "dtype_kwargs", "get",
-           "register", "unregister", "rvc"]
-from . import rmvpe  # noqa: E402,F401  (issue 13: RVC's RMVPE pitch network)
+           "register", "unregister", "rvc", "hubert", "rmvpe", "fcpe"]
