@@ -112,43 +112,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out_dir, run_dir, devices: int, dist_env: dict):
+def _launch(out_dir, run_dir, log_path, devices: int, dist_env: dict):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RVCLORA_", "JAX_COORDINATOR"))}
     env.update(dist_env, JAX_PLATFORMS="cpu", MALLOC_ARENA_MAX="2",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {XLA_FAST}")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", str(out_dir), str(run_dir)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log_path, "w") as log:  # a file, not a pipe: a worker never blocks on a full pipe
+        return subprocess.Popen([sys.executable, "-m", "tests.dist_worker", str(out_dir), str(run_dir)], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(reference info, [process 0 info, process 1 info], their npz leaves, the 2-process run dir)."""
+    """(worker infos by "ref"/0/1, their final states' leaves (+ "floor"), the 2-process run dir)."""
     tmp = tmp_path_factory.mktemp("dist")
     (tmp / "ref").mkdir()
     (tmp / "mp").mkdir()
     port = _free_port()
-    procs = {"ref": _launch(tmp / "ref", tmp / "run_ref", 4, {})}
+    procs = {"ref": _launch(tmp / "ref", tmp / "run_ref", tmp / "ref.log", 4, {})}
     for i in range(2):
-        procs[i] = _launch(tmp / "mp", tmp / "run_mp", 2, {
+        procs[i] = _launch(tmp / "mp", tmp / "run_mp", tmp / f"p{i}.log", 2, {
             D.ENV_COORDINATOR: f"127.0.0.1:{port}", D.ENV_NUM_PROCESSES: "2", D.ENV_PROCESS_ID: str(i)})
     t0 = time.time()
-    outs = {}
     try:
-        for k, p in procs.items():
-            outs[k], _ = p.communicate(timeout=max(10, 400 - (time.time() - t0)))
+        for p in procs.values():
+            # generous: on a quiet 2-core machine all three finish in about a minute
+            p.wait(timeout=max(10, 900 - (time.time() - t0)))
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
+    logs = {k: (tmp / ("ref.log" if k == "ref" else f"p{k}.log")).read_text() for k in procs}
     for k, p in procs.items():
-        assert p.returncode == 0, f"worker {k} failed:\n{outs[k][-4000:]}"
-    info = {k: json.loads([ln for ln in o.splitlines() if ln.startswith("INFO ")][-1][5:]) for k, o in outs.items()}
+        assert p.returncode == 0, f"worker {k} failed:\n{logs[k][-4000:]}"
+    info = {k: json.loads([ln for ln in o.splitlines() if ln.startswith("INFO ")][-1][5:]) for k, o in logs.items()}
     leaves = {"ref": TW.load_leaves(str(tmp / "ref" / "p0.npz")),
               "floor": TW.load_leaves(str(tmp / "ref" / "floor.npz")),
               0: TW.load_leaves(str(tmp / "mp" / "p0.npz")), 1: TW.load_leaves(str(tmp / "mp" / "p1.npz"))}
-    print(f"\n3 workers (1x4 devices, 2x2 devices) in {time.time() - t0:.1f} s")
+    print(f"\n3 workers (1x4 devices, 2x2 devices) in {time.time() - t0:.1f} s; CPU s / peak RSS GB by phase: "
+          + "; ".join(f"{k}: {info[k]['phases']}" for k in info))
     return info, leaves, tmp / "run_mp"
 
 
