@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from . import data as data_mod
-from . import adapters, lora
+from . import adapters, distributed, lora
 from .audio import MelConfig
 from .families.rvc import RVC
 from .losses import C_MEL
@@ -253,7 +253,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         f"{jax.devices()[0].platform}")
     trainer = Trainer(g, d, cfg.train, steps_per_epoch=spe)
     metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
-    validator = Validator(g, val_items, val_data, cfg.run_dir) if val_items else None
+    primary = distributed.is_primary()  # multi-host: process 0 writes samples, the adapter and plots
+    validator = Validator(g, val_items, val_data, cfg.run_dir) if val_items and primary else None
     sample_every = cfg.sample_every or cfg.save_every
     validated = set()
 
@@ -270,7 +271,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         if validator is not None and step % sample_every == 0 and step < total:
             validate(state, step)
 
-    res = train_loop(trainer, batches, total_steps=total, run_dir=cfg.run_dir, save_every=cfg.save_every,
+    feed = distributed.shard_batches(batches, trainer)  # multi-host: this process's rows of each batch
+    res = train_loop(trainer, feed, total_steps=total, run_dir=cfg.run_dir, save_every=cfg.save_every,
                      keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
                      hooks=Hooks(on_step=on_step))
     trainer.load_into_models(res.state)
@@ -284,10 +286,11 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
     meta.update(metadata or {})
     kinds = lora.layer_kinds(g)
     kinds = {p: kinds[p] for p in lora.adapter_layers(params)}
-    adapters.save_adapter(cfg.run_dir, params, cfg.lora, kinds=kinds, base_fingerprint=fp, metadata=meta)
+    if primary:
+        adapters.save_adapter(cfg.run_dir, params, cfg.lora, kinds=kinds, base_fingerprint=fp, metadata=meta)
     adapter = adapters.Adapter(params, cfg.lora, fp, meta, cfg.run_dir, kinds=kinds)
     png = os.path.join(cfg.run_dir, "loss.png")
-    if os.path.exists(metrics):
+    if primary and os.path.exists(metrics):
         plot_losses(metrics, png)
     if res.metrics:
         log(describe_metrics(res.metrics))

@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from . import lora
+from . import distributed, lora
 from .audio import MelConfig
 from .layers import LoRAParam
 from .losses import C_KL, C_MEL, discriminator_loss, feature_loss, generator_loss, kl_loss, mel_l1
@@ -132,6 +132,8 @@ class Trainer:
         return jax.device_put(jax.tree.map(lambda x: np.array(x), self._init_state), self.replicated)
 
     def put_batch(self, batch: dict) -> dict:
+        if jax.process_count() > 1:  # multi-host: ``batch`` holds this process's rows only
+            return distributed.put_process_batch(batch, self.batch_sharding)
         n = self.mesh.devices.size
         b = next(iter(batch.values())).shape[0]
         if b % n:
@@ -337,6 +339,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
     from .data import prefetch
 
     hooks = hooks or Hooks()
+    primary = distributed.is_primary()  # multi-host: only process 0 writes metrics (all save checkpoints)
 
     os.makedirs(run_dir, exist_ok=True)
     ckpts = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=keep)
@@ -350,7 +353,8 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                              f"configuration (structure {meta.get('structure')} != {trainer.structure_hash()})")
         state = jax.device_put(restored, trainer.replicated)
         start = int(meta["step"])
-        _truncate_metrics(metrics_path, start)
+        if primary:
+            _truncate_metrics(metrics_path, start)
     elif resume:
         # Restarting silently would append a second step 1.. to metrics.jsonl.
         ckpts.close()
@@ -360,13 +364,13 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
         if ckpts.latest_step() is not None:
             raise ValueError(f"{run_dir}: already holds checkpoints; pass --resume to continue or use a new --out")
         start = 0
-        if os.path.exists(metrics_path):
+        if primary and os.path.exists(metrics_path):
             os.unlink(metrics_path)
 
-    stop = {"flag": False}
+    stop = distributed.StopFlag()  # multi-host: every process stops after the same step
 
     def _handler(signum, frame):
-        stop["flag"] = True
+        stop.request()
 
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -389,23 +393,24 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
 
     logged: list[dict] = []
     bar = None
-    if progress:
+    if progress and primary:
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
     step = start
     interrupted = False
     try:
-        with open(metrics_path, "a") as mf:
-            while step < total_steps and not stop["flag"]:
+        with open(metrics_path if primary else os.devnull, "a") as mf:
+            while step < total_steps and not stop.flag:
                 epoch, offset = divmod(step, spe)
                 feed = prefetch(batches.iterate(epoch, start=offset), size=2)
                 try:
                     for batch in feed:
-                        if step >= total_steps or stop["flag"] or (stop_at is not None and step >= stop_at):
+                        if step >= total_steps or stop.flag or (stop_at is not None and step >= stop_at):
                             break
                         t0 = time.perf_counter()
                         state, m = trainer.step(state, batch)
                         step += 1
+                        stop.sync()
                         _check_finite_losses(m, step, ckpts)
                         if step % log_every == 0 or step == total_steps or step == 1:
                             m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -427,7 +432,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                     feed.close()
                 if stop_at is not None and step >= stop_at:
                     break
-        if stop["flag"]:
+        if stop.flag:
             interrupted = True
             save(state, step)
         elif stop_at is None or step >= total_steps:

@@ -72,6 +72,11 @@ def _cmd_train(args) -> int:
     require_torch()
     import time
 
+    from .. import distributed
+
+    # multi-host: join jax.distributed before any JAX work (no flags/env: one process)
+    distributed.initialize(distributed.resolve(args.coordinator, args.num_processes, args.process_id))
+
     t0 = time.time()
     if not args.example and (not args.base or not args.data):
         raise ValueError("train needs --base G.pth and --data EXP_DIR (or --example)")
@@ -121,14 +126,19 @@ def _train(args, t0) -> int:
                      epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
                      resume=args.resume, progress=not args.no_progress, sid=args.sid,
                      sample_every=args.sample_every, val_fraction=args.val_fraction)
-    if args.overwrite and not args.resume:
+    from .. import distributed
+
+    if args.overwrite and not args.resume and distributed.is_primary():
         # A fresh run: the previous run's checkpoints, samples and log go (its adapter, model
         # and plot are replaced when this run writes its own).
         for name in RUN_DIRS:
             shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
         if os.path.exists(os.path.join(args.out, "metrics.jsonl")):
             os.unlink(os.path.join(args.out, "metrics.jsonl"))
+    distributed.barrier("rvclora-train-start")  # multi-host: every process checked RUN_DIR before writes
     res = run(src.model, rcfg, discriminator=d, metadata={"base": os.path.abspath(args.base)})
+    if not distributed.is_primary():
+        return 130 if res.interrupted else 0  # process 0 exports and reports
     if res.interrupted:
         print(f"interrupted at step {res.step}: checkpoint saved; continue with --resume")
         return 130
@@ -180,4 +190,9 @@ def register(subparsers) -> None:
                     help="continue the run in --out from its last checkpoint (a finished run is re-exported)")
     add_overwrite(tr)
     tr.add_argument("--no-progress", action="store_true")
+    mh = tr.add_argument_group("multi-host (jax.distributed; default: the RVCLORA_* environment, else one process)")
+    mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="process 0's address, the same on every process; 'auto': JAX's detection (SLURM, MPI, TPU)")
+    mh.add_argument("--num-processes", type=A.positive_int, default=None, help="processes in the run")
+    mh.add_argument("--process-id", type=A.non_negative_int, default=None, help="this process, 0..N-1")
     tr.set_defaults(func=_cmd_train)

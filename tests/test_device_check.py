@@ -1,0 +1,62 @@
+"""benchmarks/device_check.py cannot rot: dry-run it on the CPU with tiny models (subprocess)
+and check its one table: the rows and columns exist, the parity errors are small, the conv
+micro-timings have fwd / dx / dw rows for both frameworks.
+
+The default test runs the parity and convolution sections (the train-step section compiles
+four training steps, minutes of CPU on 2 cores: the slow test runs every section)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.py")
+
+
+def _run(tmp_path, *extra, timeout=900):
+    out = tmp_path / "dc.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+               MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    p = subprocess.run([sys.executable, SCRIPT, "--platform", "cpu", "--tiny", "--json", str(out), *extra],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    return p.stdout, rows
+
+
+def _check_table(stdout, rows):
+    header = next(ln for ln in stdout.splitlines() if ln.startswith("section"))
+    assert [c.strip() for c in header.split("|")] == ["section", "item", "jax", "torch", "torch/jax", "note"]
+    assert not [r for r in rows if r["item"] == "FAILED"], [r for r in rows if r["item"] == "FAILED"]
+    par = {r["item"]: r["jax"] for r in rows if r["section"] == "parity"}
+    assert set(par) == {"synthesizer infer audio max|d|", "discriminator scores max|d|",
+                        "discriminator fmaps max|d|"}, par
+    assert all(v is not None and v < 1e-4 for v in par.values()), par  # the port tests' tolerance
+    for r in rows:  # every table row is also printed
+        assert r["item"] in stdout
+
+
+def test_dry_run_parity_and_conv_table(tmp_path):
+    stdout, rows = _run(tmp_path, "--skip", "step", "--conv-limit", "2", "--conv-reps", "1")
+    _check_table(stdout, rows)
+    convs = [r for r in rows if r["section"] == "conv" and r["item"].endswith((" fwd", " dx", " dw"))]
+    assert len(convs) == 6, convs  # 2 convs x (forward, input gradient, weight gradient)
+    assert all(r["jax"] > 0 and r["torch"] > 0 and r["ratio"] > 0 for r in convs), convs
+    assert any(r["item"] == "ops more than 2x slower than torch" for r in rows)
+
+
+@pytest.mark.slow
+def test_dry_run_every_section(tmp_path):
+    stdout, rows = _run(tmp_path, "--steps", "1", "--conv-reps", "1", timeout=1800)
+    _check_table(stdout, rows)
+    steps = {r["item"]: r for r in rows if r["section"] == "step"}
+    for label in ("B=2 jax fp32 / torch fp32: step",
+                  "B=2 jax bf16 / torch fp16 autocast+GradScaler: step"):
+        assert steps[label]["jax"] > 0 and steps[label]["torch"] > 0, steps[label]
+    assert any(r["section"] == "compile" for r in rows) and any(r["section"] == "memory" for r in rows)
