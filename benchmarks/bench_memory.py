@@ -2,6 +2,8 @@
 
     python benchmarks/bench_memory.py [--batch 2] [--frames 120] [--steps 3] [--remat none|...]
                                       [--precision fp32|bf16] [--which both|torch|jax] [--repeat 1]
+                                      [--arenas 2] [--trim]
+    python benchmarks/bench_memory.py --padding 100,200,300,400 --batch 4   # bucket shapes vs padding
 
 Same settings as ``benchmarks/bench_train.py`` (v2 40k with f0, random weights, RVC's
 32-frame segment; its PyTorch step is reused as is). Each side runs in its own process,
@@ -38,7 +40,7 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_jax(B, T, steps, rank, precision, remat):
+def run_jax(B, T, steps, rank, precision, remat, trim=False):
     import jax
     import numpy as np
     from flax import nnx
@@ -67,6 +69,11 @@ def run_jax(B, T, steps, rank, precision, remat):
     compile_s = time.perf_counter() - t
     phases["compiled"] = _rss_mb()
     phases["peak_after_compile"] = _peak_mb()
+    if trim:
+        from rvclora_jax.compilation import trim_host_memory
+
+        trim_host_memory()
+        phases["trimmed"] = _rss_mb()
     state = tr.init_state()
     phases["state"] = _rss_mb()
     times = []
@@ -85,6 +92,47 @@ def run_jax(B, T, steps, rank, precision, remat):
             "device": f"{jax.devices()[0].platform} x{jax.device_count()}"}
 
 
+def run_padding(B, lengths, steps, rank):
+    """Bucket shapes vs one padded shape: per padded length T, the compile's time and a
+    step's time (CPU seconds of this process, and wall), one process, same trainer."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bench_train import _batch
+    from rvclora_jax import lora
+    from rvclora_jax.audio import MelConfig
+    from rvclora_jax.families.rvc import RVC
+    from rvclora_jax.models import synthesizer as S
+    from rvclora_jax.train import TrainConfig, Trainer
+
+    g = S.Synthesizer(RVC.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(0))
+    lora.inject(g, lora.LoRAConfig.from_preset("generator", rank=rank), rngs=nnx.Rngs(1))
+    d = RVC.discriminator("v2", nnx.Rngs(2))
+    tr = Trainer(g, d, TrainConfig(batch_size=B, segment_frames=32), steps_per_epoch=100)
+    state = tr.init_state()
+    out = {}
+    for T in lengths:
+        b = _batch(B, T)
+        b["spec"] = np.asarray(MelConfig.for_rate(40000).spectrogram(b["wave"]))
+        b["spec_lengths"] = np.full((B,), b["spec"].shape[1], np.int32)
+        b["phone_lengths"] = b["spec_lengths"]
+        c0, w0 = time.process_time(), time.perf_counter()
+        tr.compile(b)
+        rec = {"compile_cpu_s": time.process_time() - c0, "compile_wall_s": time.perf_counter() - w0}
+        cpu, wall = [], []
+        for _ in range(steps):
+            c0, w0 = time.process_time(), time.perf_counter()
+            state, m = tr.step(state, b)
+            jax.block_until_ready(state)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+        rec["step_cpu_s"], rec["step_wall_s"] = sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
+        out[T] = rec
+        print(T, json.dumps(rec), flush=True)
+    return {"padding": out}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=2)
@@ -94,8 +142,16 @@ def main():
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--remat", default="none")
     ap.add_argument("--repeat", type=int, default=1, help="alternate torch/jax this many times")
+    ap.add_argument("--arenas", type=int, default=0, help="glibc M_ARENA_MAX for the JAX process (0: glibc's)")
+    ap.add_argument("--trim", action="store_true", help="return freed heap to the OS after the compile")
     ap.add_argument("--which", choices=["both", "torch", "jax"], default="both")
+    ap.add_argument("--padding", default=None,
+                    help="comma-separated padded lengths T: compile and step time per shape (JAX only)")
     args = ap.parse_args()
+    if args.padding:
+        res = run_padding(args.batch, [int(x) for x in args.padding.split(",")], args.steps, args.rank)
+        print("RESULT " + json.dumps(res))
+        return
     if args.which != "both":
         if args.which == "torch":
             from bench_train import run_torch
@@ -104,8 +160,12 @@ def main():
             res = run_torch(args.batch, args.frames, args.steps)
             res["cpu_s"] = time.process_time() - t
         else:
+            if args.arenas:
+                from rvclora_jax.compilation import limit_malloc_arenas
+
+                limit_malloc_arenas(args.arenas)
             t = time.process_time()
-            res = run_jax(args.batch, args.frames, args.steps, args.rank, args.precision, args.remat)
+            res = run_jax(args.batch, args.frames, args.steps, args.rank, args.precision, args.remat, args.trim)
             res["cpu_s"] = time.process_time() - t
         res["peak_rss_mb"] = _peak_mb()
         print("RESULT " + json.dumps(res))
@@ -116,7 +176,8 @@ def main():
             cmd = [sys.executable, __file__, "--which", which] + [
                 f"--{k}={v}" for k, v in (("batch", args.batch), ("frames", args.frames), ("steps", args.steps),
                                           ("rank", args.rank), ("precision", args.precision),
-                                          ("remat", args.remat))]
+                                          ("remat", args.remat), ("arenas", args.arenas))] + (
+                ["--trim"] if args.trim else [])
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if not line:

@@ -128,3 +128,36 @@ def describe_memory(mem: dict) -> str:
     if "peak_device_mb" in mem:
         return s + f", peak device memory {mem['peak_device_mb'] / 1024:.2f} GB"
     return s + " (this backend reports no device memory statistics)"
+
+
+# --------------------------------------------------------------------------- host heap
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def limit_malloc_arenas(n: int = 2) -> bool:
+    """glibc gives each thread (XLA's pools, the prefetch thread) its own malloc arena and
+    never returns freed memory of idle arenas; capping them keeps the heap compact. Call
+    before the threads start. Returns False where this is not glibc."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX
+
+
+def trim_host_memory() -> bool:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``), e.g. the compiler's
+    working memory after the ahead-of-time compiles, before the steps allocate theirs."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True

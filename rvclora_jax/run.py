@@ -293,9 +293,9 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         plot_losses(metrics, png)
     if res.metrics:
         log(describe_metrics(res.metrics))
-    log(f"memory: {describe_memory(peak_memory())}; precision {cfg.train.precision}, remat {cfg.train.remat}")
     elif cfg.resume and not res.interrupted:
         log(f"{cfg.run_dir}: the run had already finished at step {res.step}; nothing to train, "
             f"its adapter and model are written again")
+    log(f"memory: {describe_memory(peak_memory())}; precision {cfg.train.precision}, remat {cfg.train.remat}")
     return RunResult(step=res.step, interrupted=res.interrupted, metrics=res.metrics, summary=summary,
                      adapter=adapter, loss_png=png, batches=batches, trainer=trainer, val_items=val_items)

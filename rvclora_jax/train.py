@@ -483,7 +483,7 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
     ``batches`` before the first step (:func:`rvclora_jax.compilation.precompile`), with its
     ``compiling…`` lines sent to ``log`` (default: print when ``progress``). Logged metric
     lines carry the peak host RSS (and device memory where the backend reports it)."""
-    from .compilation import peak_memory, precompile
+    from .compilation import peak_memory, precompile, trim_host_memory
     from .data import prefetch
 
     if log is None and progress:
@@ -518,6 +518,8 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
         state = trainer.init_state()
     if compile_ahead and start < total_steps:
         precompile(trainer, batches, log=log)
+        # the compiler's working memory is free now: hand it back before the steps allocate
+        trim_host_memory()
 
     stop = {"flag": False}
 

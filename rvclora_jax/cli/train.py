@@ -88,6 +88,8 @@ def _compile_cache(args) -> None:
     directory) unless ``--no-compile-cache``; set before anything is compiled."""
     from .. import compilation
 
+    # before XLA's threads start: few malloc arenas keep the host heap compact
+    compilation.limit_malloc_arenas(2)
     if args.no_compile_cache:
         compilation.disable_persistent_cache()
         return
