@@ -89,8 +89,7 @@ def precompile(trainer, batches, log: Callable[[str], None] | None = print) -> d
     printing one ``compiling…`` line per shape. Returns ``{T: seconds}`` (shapes already
     compiled by this trainer are skipped)."""
     samples = sample_batches(batches)
-    todo = {T: b for T, b in samples.items() if trainer.batch_signature(trainer.put_batch(b))
-            not in trainer._compiled}
+    todo = {T: b for T, b in samples.items() if not trainer.is_compiled(b)}
     out = {}
     for i, (T, b) in enumerate(todo.items(), 1):
         if log:

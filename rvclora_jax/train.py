@@ -244,24 +244,29 @@ class Trainer:
     # ------------------------------------------------------------------ compilation
     @staticmethod
     def batch_signature(batch: dict) -> tuple:
-        return tuple(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype) if not hasattr(v, "dtype")
-                             else str(v.dtype)) for k, v in batch.items()))
+        """(key, shape, dtype) of every entry: which compiled executable a batch runs."""
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
     def compile(self, batch: dict) -> float:
-        """Compile the step ahead of time for ``batch``'s shapes (a numpy batch or any
-        arrays/ShapeDtypeStructs of the right shapes); later steps on batches of those
-        shapes use it. Returns the seconds it took (0.0 when already compiled). With the
-        persistent compilation cache on (:mod:`rvclora_jax.compilation`), a configuration
-        compiled by an earlier run is read from disk instead."""
-        sig = self.batch_signature(batch)
+        """Compile the step ahead of time for the shapes of ``batch`` (a batch as
+        :meth:`step` takes it); later steps on batches of those shapes use it. Returns the
+        seconds it took (0.0 when already compiled). With the persistent compilation cache
+        on (:mod:`rvclora_jax.compilation`), a configuration compiled by an earlier run is
+        read from disk instead."""
+        placed = self.put_batch(batch)  # the global shapes and shardings the step will see
+        sig = self.batch_signature(placed)
         if sig in self._compiled:
             return 0.0
         t0 = time.perf_counter()
-        spec = lambda sharding: (lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding))  # noqa: E731
-        state = jax.tree.map(spec(self.replicated), self._state_shapes)
-        b = jax.tree.map(spec(self.batch_sharding), dict(batch))
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                             self._state_shapes)
+        b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
         self._compiled[sig] = self._step.lower(state, b, self.frozen).compile()
         return time.perf_counter() - t0
+
+    def is_compiled(self, batch: dict) -> bool:
+        """Whether :meth:`compile` has compiled the step for ``batch``'s shapes."""
+        return self.batch_signature(self.put_batch(batch)) in self._compiled
 
     def compiled_memory(self) -> dict | None:
         """XLA's own account of the compiled steps' buffers (bytes, the largest over the
