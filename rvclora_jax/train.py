@@ -46,7 +46,6 @@ slice of the global batch (``jax.make_array_from_process_local_data``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
