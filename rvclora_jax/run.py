@@ -22,6 +22,7 @@ from flax import nnx
 from . import data as data_mod
 from . import adapters, distributed, lora
 from .audio import MelConfig
+from .compilation import describe_memory, peak_memory
 from .families.rvc import RVC
 from .losses import C_MEL
 from .models.synthesizer import Synthesizer
@@ -250,7 +251,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         + (f"; held out for validation: {', '.join(it.name for it in val_items)}" if val_items else ""))
     log(f"adapter: {len(summary.rows)} layers, {summary.trainable_params:,} params "
         f"({summary.trainable_percent:.2f}% of the generator); devices: {jax.device_count()} "
-        f"{jax.devices()[0].platform}")
+        f"{jax.devices()[0].platform}; precision {cfg.train.precision}"
+        + (f", remat {cfg.train.remat}" if cfg.train.remat != "none" else ""))
     trainer = Trainer(g, d, cfg.train, steps_per_epoch=spe)
     metrics = os.path.join(cfg.run_dir, "metrics.jsonl")
     primary = distributed.is_primary()  # multi-host: process 0 writes samples, the adapter and plots
@@ -274,7 +276,7 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
     feed = distributed.shard_batches(batches, trainer)  # multi-host: this process's rows of each batch
     res = train_loop(trainer, feed, total_steps=total, run_dir=cfg.run_dir, save_every=cfg.save_every,
                      keep=cfg.keep, log_every=cfg.log_every, resume=cfg.resume, progress=cfg.progress,
-                     hooks=Hooks(on_step=on_step))
+                     hooks=Hooks(on_step=on_step), log=log)
     trainer.load_into_models(res.state)
     # (a resumed run that had already finished trained no step: its final sample is logged already)
     if validator is not None and res.step not in validated and res.step > res.start:
@@ -297,5 +299,6 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
     elif cfg.resume and not res.interrupted:
         log(f"{cfg.run_dir}: the run had already finished at step {res.step}; nothing to train, "
             f"its adapter and model are written again")
+    log(f"memory: {describe_memory(peak_memory())}; precision {cfg.train.precision}, remat {cfg.train.remat}")
     return RunResult(step=res.step, interrupted=res.interrupted, metrics=res.metrics, summary=summary,
                      adapter=adapter, loss_png=png, batches=batches, trainer=trainer, val_items=val_items)

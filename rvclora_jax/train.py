@@ -19,6 +19,24 @@ Optimiser defaults are RVC's: AdamW(lr 1e-4, betas (0.8, 0.99), eps 1e-9, weight
 noise, segment starts, NSF noise) comes from ``fold_in(seed key, step)``, so a run is a
 pure function of (seed, data order, step) and resumes exactly.
 
+Precision (``TrainConfig.precision``): ``"bf16"`` runs the generator and discriminator
+with bfloat16 activations and conv/matmul operands (their layers' ``dtype``), while the
+parameters, both optimizer states, the STFT/mel, every loss and the gradient arithmetic
+stay float32. bfloat16 has float32's 8-bit exponent, so gradients neither underflow nor
+overflow where float32's would not, and no loss scaler is needed (float16's 5-bit exponent
+is why RVC's ``fp16_run`` needs a GradScaler).
+
+Memory: the frozen base is an *argument* of the compiled step (never a closed-over
+constant: XLA would copy a constant into the program, once per compiled shape, and fold
+it at compile time), the state is donated, the initial state is built on demand, and
+``TrainConfig.remat`` recomputes the discriminator's and/or the decoder's activations in
+the backward pass instead of keeping them (:data:`REMAT_CHOICES`).
+
+Life cycle: ``Trainer(g, d, config, steps_per_epoch)`` splits the modules →
+``compile(batch)`` per padded batch shape (optional: ahead of time, else on first use) →
+``init_state()`` (or a restored one) → ``step(state, batch)`` repeatedly (each donates its
+input state) → ``load_into_models(state)``.
+
 Data parallelism: batches are sharded over a 1-D ``data`` mesh of all local devices,
 parameters and optimizer states are replicated; XLA inserts the gradient all-reduce.
 For several hosts call ``jax.distributed.initialize()`` first and feed each host its
@@ -49,6 +67,11 @@ from .losses import C_KL, C_MEL, discriminator_loss, feature_loss, generator_los
 from .models.synthesizer import Synthesizer, slice_segments
 
 
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# What --remat recomputes in the backward pass instead of keeping its activations.
+REMAT_CHOICES = ("none", "discriminator", "decoder", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run's hyper-parameters. The defaults are RVC's (``configs/*.json``
@@ -67,6 +90,14 @@ class TrainConfig:
     c_kl: float = C_KL
     seed: int = 1234
     train_d: bool = True
+    precision: str = "fp32"  # compute dtype of activations and conv/matmul inputs: PRECISIONS
+    remat: str = "none"  # REMAT_CHOICES
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat must be one of {REMAT_CHOICES}, got {self.remat!r}")
 
 
 def lr_schedule(lr: float, decay: float, steps_per_epoch: int) -> Callable:
@@ -81,6 +112,47 @@ def lr_schedule(lr: float, decay: float, steps_per_epoch: int) -> Callable:
 
 def _adamw(schedule: Callable, cfg: TrainConfig):
     return optax.adamw(schedule, b1=cfg.betas[0], b2=cfg.betas[1], eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _f32(tree):
+    """Cast a pytree of (possibly bfloat16) arrays to float32: every loss is float32."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def with_compute_dtype(module: nnx.Module, dtype) -> nnx.Module:
+    """A new module object over the *same* arrays (nothing is copied) whose layers all
+    compute in ``dtype`` (``None``: the module as it is). The stored parameter dtype is
+    unchanged; ``module`` itself is not modified."""
+    graphdef, state = nnx.split(module)
+    clone = nnx.merge(graphdef, state)
+    if dtype is not None:
+        for _, m in nnx.iter_modules(clone):
+            if hasattr(m, "dtype"):
+                m.dtype = dtype
+    return clone
+
+
+class _Remat(nnx.Module):
+    """Wraps a module so its call runs under ``jax.checkpoint``: only its inputs are kept
+    for the backward pass, and its activations are recomputed there. Used on the
+    ephemeral modules rebuilt inside the traced step, never on the caller's."""
+
+    def __init__(self, inner: nnx.Module):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        graphdef, state = nnx.split(self.inner)
+
+        @jax.checkpoint
+        def run(state, args, kwargs):
+            m = nnx.merge(graphdef, state)
+            out = m(*args, **kwargs)
+            return out, nnx.state(m, nnx.RngState)  # e.g. a dropout's RNG counter advanced inside
+
+        out, rng = run(state, args, kwargs)
+        if jax.tree.leaves(rng):
+            nnx.update(self.inner, rng)
+        return out
 
 
 @dataclasses.dataclass
@@ -101,11 +173,15 @@ class Trainer:
                              "training checkpoint, not a small inference model")
         if not list(lora.iter_lora_layers(g)) or not jax.tree.leaves(nnx.state(g, LoRAParam)):
             raise ValueError("the generator has no LoRA adapter; call lora.inject first")
-        self.g_graphdef, g_adapter, self.g_base, self.g_rest = nnx.split(g, LoRAParam, nnx.Param, ...)
-        self.d_graphdef, d_params = nnx.split(self.discriminator, nnx.Param)
-        # copies, not the modules' own Variables: load_into_models() must not change init_state()
-        g_adapter, d_params = jax.tree.map(np.array, (g_adapter, d_params))
         c = self.config
+        self.compute_dtype = PRECISIONS[c.precision] if c.precision != "fp32" else None
+        self.g_graphdef, g_adapter, g_base, g_rest = nnx.split(with_compute_dtype(g, self.compute_dtype),
+                                                               LoRAParam, nnx.Param, ...)
+        self.d_graphdef, d_params = nnx.split(with_compute_dtype(self.discriminator, self.compute_dtype),
+                                              nnx.Param)
+        # New containers around the same arrays (no copy): load_into_models() replaces the
+        # modules' Variables' values, which must not change what init_state() starts from.
+        self._initial = jax.tree.map(lambda x: x, {"g": g_adapter, "d": d_params})
         self.lr_g = lr_schedule(c.lr, c.lr_decay, self.steps_per_epoch)
         self.tx_g = _adamw(self.lr_g, c)
         self.tx_d = _adamw(lr_schedule(c.lr_d or c.lr, c.lr_decay, self.steps_per_epoch), c)
@@ -114,22 +190,38 @@ class Trainer:
         if self.mel.hop_length != self.hop:
             raise ValueError(f"mel hop {self.mel.hop_length} != generator hop {self.hop}")
         self.root_key = jax.random.key(c.seed)
-        self._init_state = {"g": g_adapter, "d": d_params, "opt_g": self.tx_g.init(g_adapter),
-                            "opt_d": self.tx_d.init(d_params), "step": jnp.zeros((), jnp.int32)}
+        # Shapes and dtypes only: the state itself is made by init_state() when needed (a
+        # second resident copy of D and its AdamW moments would cost 3x D's size).
+        self._state_shapes = jax.eval_shape(self._fresh_state, self._initial)
         self.structure_hash()
         if self.mesh is None:
             self.mesh = Mesh(np.array(jax.devices()), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        # The frozen base is passed to every call (not closed over: see the module docstring).
+        self.frozen = jax.device_put({"base": g_base, "rest": g_rest}, self.replicated)
+        # Only the state is donated: its outputs alias it. The batch and the frozen base
+        # have no output of their shape to alias (and the base is reused every step).
         self._step = jax.jit(self._train_step, donate_argnums=(0,),
-                             in_shardings=(self.replicated, self.batch_sharding),
+                             in_shardings=(self.replicated, self.batch_sharding, self.replicated),
                              out_shardings=(self.replicated, self.replicated))
+        self._compiled: dict = {}
         self._evaluate = jax.jit(self._evaluate_fn)
 
     # ------------------------------------------------------------------ state
+    def _fresh_state(self, initial):
+        return {"g": initial["g"], "d": initial["d"], "opt_g": self.tx_g.init(initial["g"]),
+                "opt_d": self.tx_d.init(initial["d"]), "step": jnp.zeros((), jnp.int32)}
+
     def init_state(self) -> dict:
-        # a fresh copy: the step donates its input state, which must not delete ours
-        return jax.device_put(jax.tree.map(lambda x: np.array(x), self._init_state), self.replicated)
+        # fresh buffers: the step donates its input state, which must not delete the initial values
+        copied = jax.tree.map(lambda x: jnp.array(x, copy=True), self._initial)
+        return jax.device_put(self._fresh_state(copied), self.replicated)
+
+    def state_template(self) -> dict:
+        """The state's structure with (lazily allocated, uninitialised) numpy leaves: a
+        restore target that costs no memory until it is written."""
+        return jax.tree.map(lambda s: np.empty(s.shape, s.dtype), self._state_shapes)
 
     def put_batch(self, batch: dict) -> dict:
         if jax.process_count() > 1:  # multi-host: ``batch`` holds this process's rows only
@@ -143,16 +235,57 @@ class Trainer:
     def structure_hash(self) -> str:
         """Identifies the state's structure (paths, shapes, dtypes) for safe resumes."""
         if not hasattr(self, "_structure"):
-            leaves = jax.tree_util.tree_flatten_with_path(self._init_state)[0]
+            leaves = jax.tree_util.tree_flatten_with_path(self._state_shapes)[0]
             h = hashlib.sha256()
             for path, x in leaves:
                 h.update(f"{jax.tree_util.keystr(path)}:{tuple(x.shape)}:{x.dtype};".encode())
             self._structure = h.hexdigest()[:16]
         return self._structure
 
+    # ------------------------------------------------------------------ compilation
+    @staticmethod
+    def batch_signature(batch: dict) -> tuple:
+        """(key, shape, dtype) of every entry: which compiled executable a batch runs."""
+        return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+    def compile(self, batch: dict) -> float:
+        """Compile the step ahead of time for the shapes of ``batch`` (a batch as
+        :meth:`step` takes it); later steps on batches of those shapes use it. Returns the
+        seconds it took (0.0 when already compiled). With the persistent compilation cache
+        on (:mod:`rvclora_jax.compilation`), a configuration compiled by an earlier run is
+        read from disk instead."""
+        placed = self.put_batch(batch)  # the global shapes and shardings the step will see
+        sig = self.batch_signature(placed)
+        if sig in self._compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                             self._state_shapes)
+        b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), placed)
+        self._compiled[sig] = self._step.lower(state, b, self.frozen).compile()
+        return time.perf_counter() - t0
+
+    def is_compiled(self, batch: dict) -> bool:
+        """Whether :meth:`compile` has compiled the step for ``batch``'s shapes."""
+        return self.batch_signature(self.put_batch(batch)) in self._compiled
+
+    def compiled_memory(self) -> dict | None:
+        """XLA's own account of the compiled steps' buffers (bytes, the largest over the
+        compiled shapes): arguments, outputs, aliased (donated) and temporaries."""
+        out = None
+        for c in self._compiled.values():
+            ma = c.memory_analysis()
+            if ma is None:
+                continue
+            cur = {k: int(getattr(ma, k + "_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+            out = cur if out is None else {k: max(out[k], cur[k]) for k in cur}
+        return out
+
     # ------------------------------------------------------------------ the step
-    def _gen_forward(self, adapter, batch, key):
-        g = nnx.merge(self.g_graphdef, adapter, self.g_base, self.g_rest)
+    def _gen_forward(self, adapter, frozen, batch, key):
+        g = nnx.merge(self.g_graphdef, adapter, frozen["base"], frozen["rest"])
+        if self.config.remat in ("decoder", "all"):
+            g.dec = _Remat(g.dec)
         seg = self.config.segment_frames
         k_eps, k_ids, k_src = jax.random.split(key, 3)
         B, T = batch["phone"].shape[:2]
@@ -167,13 +300,27 @@ class Trainer:
         return (o, stats), (y_mask, ids)
 
     def _d_apply(self, d_params, y):
-        return nnx.merge(self.d_graphdef, d_params).apply_one(y)
+        """(scores, feature maps), float32 whatever the compute dtype."""
+        d = nnx.merge(self.d_graphdef, d_params)
+        if self.config.remat in ("discriminator", "all") and hasattr(d, "discriminators"):
+            # one checkpoint per sub-discriminator: the backward pass holds one
+            # sub-discriminator's activations at a time
+            scores, fmaps = [], []
+            for sub in d.discriminators:
+                s, f = _Remat(sub)(y)
+                scores.append(s)
+                fmaps.append(f)
+            return _f32((scores, fmaps))
+        if self.config.remat in ("discriminator", "all"):  # a discriminator without sub-discriminators
+            return _f32(jax.checkpoint(lambda p, y: nnx.merge(self.d_graphdef, p).apply_one(y))(d_params, y))
+        return _f32(d.apply_one(y))
 
     def _generator_loss(self, d_params, o, stats, y_mask, wave, y_mel):
         """RVC's generator objective on the generated segment ``o`` against discriminator
         ``d_params``: ``(total, {"loss_g", "mel", "kl", "fm", "adv"}, the tensors the
-        terms were computed from)``."""
+        terms were computed from)``. Every term is computed in float32."""
         c = self.config
+        o, stats = _f32((o, stats))
         z, z_p, m_p, logs_p, m_q, logs_q = stats
         y_hat_mel = self.mel.mel(o[..., 0])
         _, fmap_r = self._d_apply(d_params, wave)
@@ -195,18 +342,18 @@ class Trainer:
         y_mel = self.mel.spec_to_mel(slice_segments(batch["spec"], ids, seg))
         return wave, y_mel
 
-    def _train_step(self, state, batch):
+    def _train_step(self, state, batch, frozen):
         c = self.config
         key = jax.random.fold_in(self.root_key, state["step"])
         (o, stats), g_vjp, (y_mask, ids) = jax.vjp(
-            lambda ad: self._gen_forward(ad, batch, key), state["g"], has_aux=True)
+            lambda ad: self._gen_forward(ad, frozen, batch, key), state["g"], has_aux=True)
         wave, y_mel = self._segments(batch, ids)
 
         # 1) discriminator step on the generated audio with gradients stopped
         def d_loss_fn(dp):
             # real and generated audio in one batch (D has no batch-coupled ops): same
             # result as two calls, ~12% faster on CPU
-            both, _ = self._d_apply(dp, jnp.concatenate([wave, jax.lax.stop_gradient(o)], axis=0))
+            both, _ = self._d_apply(dp, jnp.concatenate([wave, jax.lax.stop_gradient(o).astype(wave.dtype)], axis=0))
             n = wave.shape[0]
             return discriminator_loss([s[:n] for s in both], [s[n:] for s in both])[0]
 
@@ -231,10 +378,12 @@ class Trainer:
         return {"g": g_adapter, "d": d_params, "opt_g": opt_g, "opt_d": opt_d, "step": step}, metrics
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
-        return self._step(state, self.put_batch(batch))
+        b = self.put_batch(batch)
+        fn = self._compiled.get(self.batch_signature(b), self._step)
+        return fn(state, b, self.frozen)
 
-    def _evaluate_fn(self, adapter, d_params, batch, key):
-        (o, stats), (y_mask, ids) = self._gen_forward(adapter, batch, key)
+    def _evaluate_fn(self, adapter, d_params, frozen, batch, key):
+        (o, stats), (y_mask, ids) = self._gen_forward(adapter, frozen, batch, key)
         wave, y_mel = self._segments(batch, ids)
         _, parts, tensors = self._generator_loss(d_params, o, stats, y_mask, wave, y_mel)
         return parts, dict(tensors, wave=wave, ids=ids)
@@ -245,8 +394,8 @@ class Trainer:
         ``"g"`` and ``"d"``). Returns ``(losses, tensors)``: the step's loss terms and the
         tensors they were computed from (generated/real segments ``y_hat``/``wave``, their
         mels, the segments' start frames ``ids``, discriminator scores ``fake`` and feature
-        maps, the KL inputs)."""
-        return self._evaluate(adapter, d_params, self.put_batch(batch), key)
+        maps, the KL inputs), all float32."""
+        return self._evaluate(adapter, d_params, self.frozen, self.put_batch(batch), key)
 
     # ------------------------------------------------------------------ results
     def load_into_models(self, state: dict) -> None:
@@ -324,7 +473,8 @@ class Hooks:
 
 def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, save_every: int = 500,
                keep: int = 3, log_every: int = 10, resume: bool = False, progress: bool = True,
-               stop_at: int | None = None, hooks: Hooks | None = None) -> LoopResult:
+               stop_at: int | None = None, hooks: Hooks | None = None, compile_ahead: bool = True,
+               log: Callable[[str], None] | None = None) -> LoopResult:
     """Run (or resume) training to ``total_steps`` with checkpoints in ``run_dir/checkpoints``.
 
     ``batches`` is a :class:`rvclora_jax.data.Batches` (``len()`` batches per epoch,
@@ -335,8 +485,15 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
     gradient norm or state stops the run with a ValueError naming the step, before that
     state is saved: the last good checkpoint stays the latest. ``stop_at`` stops
     early at that step without a final save (for tests of resumption). ``hooks``: see
-    :class:`Hooks`."""
+    :class:`Hooks`. ``compile_ahead`` compiles the step for every batch shape of
+    ``batches`` before the first step (:func:`rvclora_jax.compilation.precompile`), with its
+    ``compiling…`` lines sent to ``log`` (default: print when ``progress``). Logged metric
+    lines carry the peak host RSS (and device memory where the backend reports it)."""
+    from .compilation import peak_memory, precompile, trim_host_memory
     from .data import prefetch
+
+    if log is None and progress:
+        log = print
 
     hooks = hooks or Hooks()
     primary = distributed.is_primary()  # multi-host: only process 0 writes metrics (all save checkpoints)
@@ -344,10 +501,10 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
     os.makedirs(run_dir, exist_ok=True)
     ckpts = Checkpoints(os.path.join(run_dir, "checkpoints"), keep=keep)
     spe = len(batches)
-    state = trainer.init_state()
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if resume and ckpts.latest_step() is not None:
-        restored, meta = ckpts.restore(jax.device_get(state))
+        # the restore target costs no memory: the initial state is never built on resume
+        restored, meta = ckpts.restore(trainer.state_template())
         if meta.get("structure") != trainer.structure_hash():
             raise ValueError(f"{ckpts.directory}: checkpoint was made with a different model/adapter/optimizer "
                              f"configuration (structure {meta.get('structure')} != {trainer.structure_hash()})")
@@ -366,6 +523,11 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
         start = 0
         if primary and os.path.exists(metrics_path):
             os.unlink(metrics_path)
+        state = trainer.init_state()
+    if compile_ahead and start < total_steps:
+        precompile(trainer, batches, log=log)
+        # the compiler's working memory is free now: hand it back before the steps allocate
+        trim_host_memory()
 
     stop = distributed.StopFlag()  # multi-host: every process stops after the same step
 
@@ -414,7 +576,8 @@ def train_loop(trainer: Trainer, batches, *, total_steps: int, run_dir: str, sav
                         _check_finite_losses(m, step, ckpts)
                         if step % log_every == 0 or step == total_steps or step == 1:
                             m = {k: float(v) for k, v in jax.device_get(m).items()}
-                            rec = {"step": step, "epoch": epoch, **m, "step_time": time.perf_counter() - t0}
+                            rec = {"step": step, "epoch": epoch, **m, "step_time": time.perf_counter() - t0,
+                                   **peak_memory()}
                             mf.write(json.dumps(rec) + "\n")
                             mf.flush()
                             logged.append(rec)

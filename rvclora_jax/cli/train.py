@@ -78,6 +78,7 @@ def _cmd_train(args) -> int:
     distributed.initialize(distributed.resolve(args.coordinator, args.num_processes, args.process_id))
 
     t0 = time.time()
+    _compile_cache(args)
     if not args.example and (not args.base or not args.data):
         raise ValueError("train needs --base G.pth and --data EXP_DIR (or --example)")
     g = _guard_run(args)
@@ -85,6 +86,21 @@ def _cmd_train(args) -> int:
     # (the last good state of a long run, to --resume from).
     with g.cleanup_on_failure(keep=lambda d: _has_checkpoint(args.out)):
         return _train(args, t0)
+
+
+def _compile_cache(args) -> None:
+    """The persistent XLA cache: on (``RVCLORA_COMPILE_CACHE`` or the user's cache
+    directory) unless ``--no-compile-cache``; set before anything is compiled."""
+    from .. import compilation
+
+    # before XLA's threads start: few malloc arenas keep the host heap compact
+    compilation.limit_malloc_arenas(2)
+    if args.no_compile_cache:
+        compilation.disable_persistent_cache()
+        return
+    d = compilation.enable_persistent_cache()
+    if d:
+        print(f"compile cache: {d} (a rerun of this configuration skips compiling; --no-compile-cache to turn off)")
 
 
 def _train(args, t0) -> int:
@@ -121,6 +137,7 @@ def _train(args, t0) -> int:
                                        train_embeddings=("emb_g",) if args.train_speaker else ())
     tcfg = TrainConfig(batch_size=args.batch_size, seed=args.seed,
                        segment_frames=args.segment_frames or default_segment_frames(src.model),
+                       precision=args.precision, remat=args.remat,
                        **{k: v for k, v in (("lr", args.lr), ("lr_d", args.lr_d)) if v is not None})
     rcfg = RunConfig(data_dir=args.data, run_dir=args.out, lora=lcfg, train=tcfg, steps=args.steps,
                      epochs=args.epochs, save_every=args.save_every, keep=args.keep, log_every=args.log_every,
@@ -154,6 +171,11 @@ def _train(args, t0) -> int:
     return 0
 
 
+# Kept in sync with rvclora_jax.train (not imported here: the parser is built without jax).
+PRECISIONS = ("bf16", "fp32")
+REMAT_CHOICES = ("none", "discriminator", "decoder", "all")
+
+
 def register(subparsers) -> None:
     tr = subparsers.add_parser("train", help="train a LoRA adapter with RVC's GAN objective")
     tr.add_argument("--base", help="pretrained generator (f0G40k.pth, G_*.pth)")
@@ -175,6 +197,15 @@ def register(subparsers) -> None:
     tr.add_argument("--lr", type=A.positive_float, default=None, help="learning rate (default: RVC's, 1e-4)")
     tr.add_argument("--lr-d", type=A.positive_float, default=None, help="discriminator lr (default: --lr)")
     tr.add_argument("--seed", type=A.seed, default=1234)
+    tr.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                    help="compute dtype of activations and conv/matmul inputs; parameters, optimizer state, "
+                         "STFT/mel and losses stay fp32 (bf16: for GPU/TPU; default fp32)")
+    tr.add_argument("--remat", nargs="?", const="all", choices=REMAT_CHOICES, default="none",
+                    help="recompute these activations in the backward pass instead of keeping them "
+                         "(less memory, slower step); --remat alone means all")
+    tr.add_argument("--no-compile-cache", action="store_true",
+                    help="do not read or write the persistent XLA compilation cache "
+                         "(default: on, in $RVCLORA_COMPILE_CACHE or ~/.cache/rvclora-jax/xla)")
     tr.add_argument("--save-every", type=A.positive_int, default=500)
     tr.add_argument("--keep", type=A.positive_int, default=3, help="checkpoints to keep")
     tr.add_argument("--log-every", type=A.positive_int, default=10)
