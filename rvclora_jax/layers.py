@@ -430,6 +430,61 @@ def _grouped_bwd(stride, padding, groups, res, g):
 grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
 
 
+def overlap_add_transpose(x, kernel, stride: int, crop_left: int, out_len: int):
+    """``y[u] = Σ_{t,k: t·stride + k = u + crop_left} x[t] · kernel[k]`` for ``u < out_len``
+    (``kernel [K, in, out]``): a transposed convolution without zero-stuffing.
+
+    The dilated-input form of a transposed conv multiplies ``stride - 1`` zeros for every
+    real sample. Here every input frame is multiplied by the whole kernel once (one
+    matmul), giving ``K`` output samples that start at ``t·stride``; padding K up to
+    ``n·stride`` splits them into ``n`` blocks of ``stride`` samples, and block ``j`` of
+    frame ``t`` lands in output block ``t+j`` (overlap-add). Samples past the last tap
+    are zeros. The same sums as the dilated form, in another order."""
+    b, t, _ = x.shape
+    k, s, cout = kernel.shape[0], stride, kernel.shape[-1]
+    n = -(-k // s)
+    kp = jnp.pad(kernel, ((0, n * s - k), (0, 0), (0, 0)))
+    taps = jnp.einsum("bti,kio->btko", x, kp).reshape(b, t, n, s, cout)
+    full = sum(jnp.pad(taps[:, :, j], ((0, 0), (j, n - 1 - j), (0, 0), (0, 0))) for j in range(n))
+    full = full.reshape(b, (t + n - 1) * s, cout)
+    end = crop_left + out_len
+    if end > full.shape[1]:
+        full = jnp.pad(full, ((0, 0), (0, end - full.shape[1]), (0, 0)))
+    return full[:, crop_left:end]
+
+
+def _plain_conv(x, w, stride: int, padding: tuple[int, int], dilation: int = 1):
+    return lax.conv_general_dilated(x, w, window_strides=(stride,), padding=[padding],
+                                    rhs_dilation=(dilation,), dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv1d(x, w, stride: int, padding: tuple[int, int]):
+    """Strided 1-D convolution whose input gradient avoids XLA's zero-stuffed form.
+
+    XLA differentiates a stride-``s`` conv w.r.t. its input as a conv of the output
+    gradient dilated by ``s`` (``lhs_dilation``): ``s - 1`` of every ``s`` products are
+    with zeros. That gradient is exactly the transposed conv of the output gradient, done
+    here by :func:`overlap_add_transpose` (forward-pass cost). The forward pass and the
+    weight gradient are XLA's own."""
+    return _plain_conv(x, w, stride, padding)
+
+
+def _strided_fwd(x, w, stride, padding):
+    return strided_conv1d(x, w, stride, padding), (x, w)
+
+
+def _strided_bwd(stride, padding, res, g):
+    x, w = res
+    dx = overlap_add_transpose(g, jnp.swapaxes(w, 1, 2), stride, padding[0], x.shape[1])
+    _, pull_w = jax.vjp(lambda w: _plain_conv(x, w, stride, padding), w)
+    (dw,) = pull_w(g)
+    return dx.astype(x.dtype), dw
+
+
+strided_conv1d.defvjp(_strided_fwd, _strided_bwd)
+
+
 @register_layer_kind("Conv1d", "kir,ro->kio")
 class Conv1d(Adaptable):
     """``torch.nn.Conv1d`` (zero padding) on ``[B, T, C]`` inputs.
@@ -458,6 +513,8 @@ class Conv1d(Adaptable):
     def _conv(self, x, kernel, groups=1):
         if groups > 1 and self.dilation == 1:
             return grouped_conv1d(x, kernel, self.stride, tuple(self.padding), groups)
+        if groups == 1 and self.stride > 1 and self.dilation == 1:
+            return strided_conv1d(x, kernel, self.stride, tuple(self.padding))
         return lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride,), padding=[self.padding],
             rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=groups)
@@ -532,27 +589,11 @@ class ConvTranspose1d(Adaptable):
             lhs_dilation=(self.stride,), rhs_dilation=(self.dilation,), dimension_numbers=_DN)
 
     def _conv_t_polyphase(self, x, kernel):
-        """Same result as the dilated-input convolution, without the zero-stuffing.
-
-        The dilated-input form multiplies ``stride - 1`` zeros for every real sample
-        (10x the work for RVC's ``ups.0``). Here every input frame is multiplied by the
-        whole kernel once (one matmul), giving ``K`` output samples that start at
-        ``t·stride``; padding K up to ``n·stride`` splits them into ``n`` blocks of
-        ``stride`` samples, and block ``j`` of frame ``t`` lands in output block ``t+j``
-        (overlap-add). Cropping ``padding`` on the left and taking the torch length
-        gives torch's output exactly (up to float summation order)."""
-        b, t, _ = x.shape
-        k, s, cout = self.kernel_size, self.stride, kernel.shape[-1]
-        n = -(-k // s)
-        kp = jnp.pad(kernel, ((0, n * s - k), (0, 0), (0, 0)))
-        taps = jnp.einsum("bti,kio->btko", x, kp).reshape(b, t, n, s, cout)
-        full = sum(jnp.pad(taps[:, :, j], ((0, 0), (j, n - 1 - j), (0, 0), (0, 0))) for j in range(n))
-        full = full.reshape(b, (t + n - 1) * s, cout)
-        out_len = (t - 1) * s - 2 * self.padding + k + self.output_padding
-        end = self.padding + out_len
-        if end > full.shape[1]:  # output_padding beyond the last tap: zeros
-            full = jnp.pad(full, ((0, 0), (0, end - full.shape[1]), (0, 0)))
-        return full[:, self.padding:end]
+        """Same result as the dilated-input convolution, without the zero-stuffing (10x
+        the work for RVC's ``ups.0``): :func:`overlap_add_transpose`, cropping ``padding``
+        on the left and taking torch's length."""
+        out_len = (x.shape[1] - 1) * self.stride - 2 * self.padding + self.kernel_size + self.output_padding
+        return overlap_add_transpose(x, kernel, self.stride, self.padding, out_len)
 
     def from_torch(self, w):
         return w.transpose(2, 0, 1)  # ConvTranspose1d.weight [in, out, K]
