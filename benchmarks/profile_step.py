@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
+import json
 import os
 import re
 import sys
@@ -118,7 +119,7 @@ def _conv_class(op_name: str, attrs: str, shape: str) -> str:
     return f"conv {kind} " + " ".join(parts)
 
 
-def profile_jax(B, T, steps, rank, top):
+def profile_jax(B, T, steps, rank, top, dump=None):
     import jax
 
     from bench_train import build_jax
@@ -180,6 +181,17 @@ def profile_jax(B, T, steps, rank, top):
     print(f"{'op class':60} {'ms':>9} {'%':>6}")
     for cls, ns in by_class.most_common(top):
         print(f"{cls[:60]:60} {ns / 1e6:9.1f} {100 * ns / total:6.1f}")
+    print(f"\n{'instruction':28} {'op class':34} {'shape':36} {'ms':>8}")
+    for name, ns in per_instr.most_common(top):
+        op, attrs, op_name, sf, shape = instrs[name]
+        called = re.search(r"calls=%?([\w.\-]+)", attrs)
+        inner = ",".join(sorted(set(fused.get(called.group(1), [])) - {"parameter"})) if called else ""
+        print(f"{name[:28]:28} {(op + ' ' + inner)[:34]:34} {shape[:36]:36} {ns / 1e6:8.1f}  {op_name[-60:]}")
+    if dump:
+        with open(dump + ".hlo.txt", "w") as f:
+            f.write(compiled.as_text())
+        with open(dump + ".times.json", "w") as f:
+            json.dump(dict(per_instr), f)
     print(f"\n{'source (innermost rvclora_jax frame)':60} {'pass':4} {'op':12} {'ms':>9} {'%':>6}")
     for (src, kind, op), ns in by_source.most_common(top):
         print(f"{src[:60]:60} {kind:4} {op[:12]:12} {ns / 1e6:9.1f} {100 * ns / total:6.1f}")
@@ -218,9 +230,10 @@ def main():
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--dump", help="jax: write PREFIX.hlo.txt and PREFIX.times.json (ns per instruction)")
     a = ap.parse_args()
     if a.side == "jax":
-        profile_jax(a.batch, a.frames, a.steps, a.rank, a.top)
+        profile_jax(a.batch, a.frames, a.steps, a.rank, a.top, a.dump)
     else:
         profile_torch(a.batch, a.frames, a.steps, a.top)
 

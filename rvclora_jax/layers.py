@@ -422,12 +422,44 @@ def _grouped_fwd(x, w, stride, padding, groups):
 
 
 def _grouped_bwd(stride, padding, groups, res, g):
+    # dx: the transposed grouped conv by overlap-add (every output-gradient frame times its
+    # group's kernel once); dw: one batched matmul per tap over the strided input slice.
+    # ~4x less memory traffic than differentiating the slices-plus-einsum form (K full-size
+    # zero-interleaved pads summed).
     x, w = res
-    _, pullback = jax.vjp(lambda x, w: _grouped_conv_im2col(x, w, stride, padding, groups), x, w)
-    return pullback(g)
+    b, t, c = x.shape
+    k, cg, o = w.shape
+    t_out = g.shape[1]
+    og = o // groups
+    gg = g.reshape(b, t_out, groups, og)
+    wg = w.reshape(k, cg, groups, og)
+    taps = jnp.einsum("btgo,kcgo->btkgc", gg, wg).reshape(b, t_out, k, c)
+    dx = _overlap_add(taps, stride, padding[0], t)
+    xp = jnp.pad(x, ((0, 0), padding, (0, 0)))
+    span = stride * (t_out - 1) + 1
+    dw = jnp.stack([jnp.einsum("btgc,btgo->cgo", lax.slice_in_dim(xp, j, j + span, stride, axis=1)
+                               .reshape(b, t_out, groups, cg), gg) for j in range(k)])
+    return dx.astype(x.dtype), dw.reshape(k, cg, o).astype(w.dtype)
 
 
 grouped_conv1d.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def _overlap_add(taps, stride: int, crop_left: int, out_len: int):
+    """``y[u] = Σ_{t,k: t·stride + k = u + crop_left} taps[:, t, k]`` for ``u < out_len``
+    (``taps [B, T, K, C]``). Padding K up to ``n·stride`` splits each frame's taps into
+    ``n`` blocks of ``stride`` samples; block ``j`` of frame ``t`` lands in output block
+    ``t+j``. Samples past the last tap are zeros."""
+    b, t, k, c = taps.shape
+    s = stride
+    n = -(-k // s)
+    taps = jnp.pad(taps, ((0, 0), (0, 0), (0, n * s - k), (0, 0))).reshape(b, t, n, s, c)
+    full = sum(jnp.pad(taps[:, :, j], ((0, 0), (j, n - 1 - j), (0, 0), (0, 0))) for j in range(n))
+    full = full.reshape(b, (t + n - 1) * s, c)
+    end = crop_left + out_len
+    if end > full.shape[1]:
+        full = jnp.pad(full, ((0, 0), (0, end - full.shape[1]), (0, 0)))
+    return full[:, crop_left:end]
 
 
 def overlap_add_transpose(x, kernel, stride: int, crop_left: int, out_len: int):
@@ -436,21 +468,9 @@ def overlap_add_transpose(x, kernel, stride: int, crop_left: int, out_len: int):
 
     The dilated-input form of a transposed conv multiplies ``stride - 1`` zeros for every
     real sample. Here every input frame is multiplied by the whole kernel once (one
-    matmul), giving ``K`` output samples that start at ``t·stride``; padding K up to
-    ``n·stride`` splits them into ``n`` blocks of ``stride`` samples, and block ``j`` of
-    frame ``t`` lands in output block ``t+j`` (overlap-add). Samples past the last tap
-    are zeros. The same sums as the dilated form, in another order."""
-    b, t, _ = x.shape
-    k, s, cout = kernel.shape[0], stride, kernel.shape[-1]
-    n = -(-k // s)
-    kp = jnp.pad(kernel, ((0, n * s - k), (0, 0), (0, 0)))
-    taps = jnp.einsum("bti,kio->btko", x, kp).reshape(b, t, n, s, cout)
-    full = sum(jnp.pad(taps[:, :, j], ((0, 0), (j, n - 1 - j), (0, 0), (0, 0))) for j in range(n))
-    full = full.reshape(b, (t + n - 1) * s, cout)
-    end = crop_left + out_len
-    if end > full.shape[1]:
-        full = jnp.pad(full, ((0, 0), (0, end - full.shape[1]), (0, 0)))
-    return full[:, crop_left:end]
+    matmul), giving its ``K`` output samples, which :func:`_overlap_add` sums into place.
+    The same sums as the dilated form, in another order."""
+    return _overlap_add(jnp.einsum("bti,kio->btko", x, kernel), stride, crop_left, out_len)
 
 
 def _plain_conv(x, w, stride: int, padding: tuple[int, int], dilation: int = 1):
