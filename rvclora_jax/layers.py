@@ -478,31 +478,58 @@ def _plain_conv(x, w, stride: int, padding: tuple[int, int], dilation: int = 1):
                                     rhs_dilation=(dilation,), dimension_numbers=_DN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv1d(x, w, stride: int, padding: tuple[int, int]):
-    """Strided 1-D convolution whose input gradient avoids XLA's zero-stuffed form.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def matmul_grad_conv1d(x, w, stride: int, padding: tuple[int, int], dilation: int = 1):
+    """1-D convolution (XLA's own forward) whose gradients are plain matmuls.
 
-    XLA differentiates a stride-``s`` conv w.r.t. its input as a conv of the output
-    gradient dilated by ``s`` (``lhs_dilation``): ``s - 1`` of every ``s`` products are
-    with zeros. That gradient is exactly the transposed conv of the output gradient, done
-    here by :func:`overlap_add_transpose` (forward-pass cost). The forward pass and the
-    weight gradient are XLA's own."""
-    return _plain_conv(x, w, stride, padding)
+    XLA's CPU gradients of a conv cost more than their arithmetic where the kernel is
+    large next to the activations (RVC's discriminator: 5x1024x1024 kernels over a few
+    hundred positions): the input gradient reverses and transposes the whole kernel
+    every step (a strided conv's input gradient also runs on the zero-stuffed output
+    gradient), the weight gradient transposes the activations. Here, with no copy of the
+    kernel: ``taps = dy · Wᵀ`` (one matmul contracting the kernel's minor axis), summed
+    into place by :func:`_overlap_add` (stride > 1) or ``K`` shifted adds (stride 1,
+    any dilation); ``dW[k]`` is one matmul of the input slice under tap ``k`` with ``dy``.
+    The same sums as the conv's gradients, in another order."""
+    return _plain_conv(x, w, stride, padding, dilation)
 
 
-def _strided_fwd(x, w, stride, padding):
-    return strided_conv1d(x, w, stride, padding), (x, w)
+def _mm_fwd(x, w, stride, padding, dilation):
+    return matmul_grad_conv1d(x, w, stride, padding, dilation), (x, w)
 
 
-def _strided_bwd(stride, padding, res, g):
+def _mm_bwd(stride, padding, dilation, res, g):
     x, w = res
-    dx = overlap_add_transpose(g, jnp.swapaxes(w, 1, 2), stride, padding[0], x.shape[1])
-    _, pull_w = jax.vjp(lambda w: _plain_conv(x, w, stride, padding), w)
-    (dw,) = pull_w(g)
-    return dx.astype(x.dtype), dw
+    b, t, _ = x.shape
+    k = w.shape[0]
+    t_out = g.shape[1]
+    taps = jnp.einsum("bto,kio->btki", g, w)
+    if stride == 1:
+        lp = t_out + dilation * (k - 1)
+        dxp = sum(jnp.pad(taps[:, :, j], ((0, 0), (dilation * j, lp - t_out - dilation * j), (0, 0)))
+                  for j in range(k))
+        end = padding[0] + t
+        if end > lp:
+            dxp = jnp.pad(dxp, ((0, 0), (0, end - lp), (0, 0)))
+        dx = dxp[:, padding[0]:end]
+    else:
+        dx = _overlap_add(taps, stride, padding[0], t)
+    xp = jnp.pad(x, ((0, 0), padding, (0, 0)))
+    span = stride * (t_out - 1) + 1
+    dw = jnp.stack([jnp.einsum("bti,bto->io", lax.slice_in_dim(xp, dilation * j, dilation * j + span, stride, axis=1), g)
+                    for j in range(k)])
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-strided_conv1d.defvjp(_strided_fwd, _strided_bwd)
+matmul_grad_conv1d.defvjp(_mm_fwd, _mm_bwd)
+
+
+def _use_matmul_grads(x_shape, k: int, cin: int, cout: int, stride: int, dilation: int) -> bool:
+    """Strided convs (dilation 1), and stride-1 convs whose kernel outweighs their input:
+    there the kernel copies of XLA's gradients dominate."""
+    if stride > 1:
+        return dilation == 1
+    return k > 1 and k * cin * cout >= math.prod(x_shape)
 
 
 @register_layer_kind("Conv1d", "kir,ro->kio")
@@ -533,8 +560,8 @@ class Conv1d(Adaptable):
     def _conv(self, x, kernel, groups=1):
         if groups > 1 and self.dilation == 1:
             return grouped_conv1d(x, kernel, self.stride, tuple(self.padding), groups)
-        if groups == 1 and self.stride > 1 and self.dilation == 1:
-            return strided_conv1d(x, kernel, self.stride, tuple(self.padding))
+        if groups == 1 and _use_matmul_grads(x.shape, *kernel.shape, self.stride, self.dilation):
+            return matmul_grad_conv1d(x, kernel, self.stride, tuple(self.padding), self.dilation)
         return lax.conv_general_dilated(
             x, kernel, window_strides=(self.stride,), padding=[self.padding],
             rhs_dilation=(self.dilation,), dimension_numbers=_DN, feature_group_count=groups)
