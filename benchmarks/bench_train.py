@@ -7,8 +7,10 @@ the same config (v2 40k, f0), batch size, utterance length and segment (32 frame
 with random weights and inputs. The PyTorch side replicates RVC's
 ``train_and_evaluate`` step with RVC's own modules and losses: G forward, D step on
 the detached output, D forward again, G step on mel×45 + KL + adversarial + feature
-matching, AdamW(0.8, 0.99, 1e-9). Prints step times, compile time, peak RSS and the
-optimizer-state sizes.
+matching, AdamW(0.8, 0.99, 1e-9). Prints step times (wall and
+this process's CPU time, medians), compile time, peak RSS and the optimizer-state sizes.
+``--which torch|jax`` runs one side only and prints its ``RESULT`` json line (what
+repeated, alternating measurements call).
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def _batch(B, T, seed=0):
     }
 
 
-def run_torch(B, T, steps):
+def build_torch(B, T):
+    """RVC's own training step (``train_and_evaluate``'s body) on a random batch: returns
+    ``step()`` and the two networks with their optimizers."""
     import torch
     from rvc.lib.infer_pack import commons
     from rvc.lib.infer_pack.models import MultiPeriodDiscriminatorV2, SynthesizerTrnMs768NSFsid
@@ -87,24 +91,42 @@ def run_torch(B, T, steps):
         og.step()
         return float(loss)
 
+    step.nets = (g, d, og, od)
+    return step
+
+
+def _timed(step, steps, sync=lambda r: r):
+    """First-call time, then per-step medians of wall and of this process's CPU time
+    (all threads: on a shared machine CPU time is the less noisy of the two)."""
     t = time.perf_counter()
-    step()
+    sync(step())
     first = time.perf_counter() - t
-    times = []
+    walls, cpus = [], []
     for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+        t, c = time.perf_counter(), time.process_time()
+        sync(step())
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return first, sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
+
+
+def run_torch(B, T, steps):
+    import torch
+
+    step = build_torch(B, T)
+    g, d, og, od = step.nets
+    first, wall, cpu = _timed(step, steps)
     n_g = sum(p.numel() for p in g.parameters())
     n_d = sum(p.numel() for p in d.parameters())
     opt_floats = sum(v.numel() for s in list(og.state.values()) + list(od.state.values())
                      for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    return {"first_step_s": first, "step_s": sorted(times)[len(times) // 2], "trainable_params": n_g + n_d,
+    return {"first_step_s": first, "step_s": wall, "step_cpu_s": cpu, "trainable_params": n_g + n_d,
             "opt_state_floats": opt_floats, "threads": torch.get_num_threads()}
 
 
-def run_jax(B, T, steps, rank):
-    import jax
+def build_jax(B, T, rank):
+    """The rvclora-jax trainer (LoRA ``generator`` preset) with its fresh state and a
+    random batch of the same sizes as :func:`build_torch`'s."""
     import numpy as np
     from flax import nnx
 
@@ -122,23 +144,28 @@ def run_jax(B, T, steps, rank):
     b["spec"] = np.asarray(MelConfig.for_rate(40000).spectrogram(b["wave"]))
     b["spec_lengths"] = np.full((B,), b["spec"].shape[1], np.int32)
     b["phone_lengths"] = b["spec_lengths"]
-    state = tr.init_state()
-    t = time.perf_counter()
-    state, m = tr.step(state, b)
-    jax.block_until_ready(state)
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, m = tr.step(state, b)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t)
+    return tr, tr.init_state(), b
+
+
+def run_jax(B, T, steps, rank):
+    import jax
+    import numpy as np
+
+    tr, state, b = build_jax(B, T, rank)
+    box = {"state": state}
+
+    def step():
+        box["state"], _ = tr.step(box["state"], b)
+        return box["state"]
+
+    first, wall, cpu = _timed(step, steps, jax.block_until_ready)
+    state = box["state"]
     n_ad = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["g"]))
     n_d = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["d"]))
     opt_floats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((state["opt_g"], state["opt_d"]))
                      if np.ndim(x) > 0)
     opt_g_floats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["opt_g"]) if np.ndim(x) > 0)
-    return {"first_step_s": first, "step_s": sorted(times)[len(times) // 2], "trainable_params": n_ad + n_d,
+    return {"first_step_s": first, "step_s": wall, "step_cpu_s": cpu, "trainable_params": n_ad + n_d,
             "adapter_params": n_ad, "opt_state_floats": opt_floats, "opt_state_floats_g": opt_g_floats,
             "device": f"{jax.devices()[0].platform} x{jax.device_count()}"}
 
@@ -172,13 +199,15 @@ def main():
           f"torch {t['threads']} threads")
     print(f"{'':24}{'PyTorch RVC (full FT)':>24}{'rvclora-jax (LoRA r' + str(args.rank) + ')':>26}")
     print(f"{'step time (median)':24}{t['step_s']:>22.2f} s{j['step_s']:>24.2f} s")
+    print(f"{'step CPU time (median)':24}{t['step_cpu_s']:>22.2f} s{j['step_cpu_s']:>24.2f} s")
     print(f"{'first step (compile)':24}{t['first_step_s']:>22.2f} s{j['first_step_s']:>24.2f} s")
     print(f"{'peak RSS':24}{t['peak_rss_mb']:>21.0f} MB{j['peak_rss_mb']:>23.0f} MB")
     print(f"{'trainable params':24}{t['trainable_params']:>24,}{j['trainable_params']:>26,}")
     print(f"{'optimizer state floats':24}{t['opt_state_floats']:>24,}{j['opt_state_floats']:>26,}")
     print(f"  of which generator: torch {t['opt_state_floats'] - 2 * 71_410_594:,} vs adapter "
           f"{j['opt_state_floats_g']:,} ({j['adapter_params']:,} adapter params)")
-    print(f"speed ratio (torch / jax): {t['step_s'] / j['step_s']:.2f}x")
+    print(f"speed ratio (torch / jax): {t['step_s'] / j['step_s']:.2f}x wall, "
+          f"{t['step_cpu_s'] / j['step_cpu_s']:.2f}x CPU time")
 
 
 if __name__ == "__main__":
