@@ -196,6 +196,7 @@ def test_two_process_losses_and_parameters_equal_one_process_four_devices(runs):
     # same run on ONE device (pure reduction-order change, in one process) differs.
     d2, f = _diff(leaves[0], leaves["ref"]), _diff(leaves["floor"], leaves["ref"])
     assert d2["worst_abs"] <= 4 * TW.LR * 1.05, d2
+    assert f["worst_abs"] <= 4 * TW.LR * 1.05, f  # and 4 devices equal 1 device (the 8-vs-1 test is slow)
     assert d2["off"] <= max(1e-3 * d2["n"], 3 * f["off"]), (d2, f)
     print(f"\n2 processes x 2 devices vs 1 process x 4 devices after {DW.TOTAL} steps: {d2}; "
           f"1 device vs 4 devices (noise floor): {f}")

@@ -561,6 +561,7 @@ def test_non_finite_loss_stops_the_run_keeping_the_last_good_checkpoint(trained,
 # ------------------------------------------------------------------- 5. data-parallel sharding
 
 
+@pytest.mark.slow  # ~100 s; tests/test_distributed.py checks 2x2 and 1x4 devices against 1 device by default
 def test_sharded_8_devices_equals_single_device(tmp_path):
     out = str(tmp_path / "shard.npz")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
