@@ -16,6 +16,7 @@ from ..fileio import require_torch
 from . import _args as A
 from ._outputs import add_overwrite, guard
 from .convert import describe_source
+from .prepare import add_model_flags, is_recordings_folder, run_prepare
 
 # What a run writes into RUN_DIR (the adapter directory it becomes).
 RUN_FILES = ("adapter.safetensors", "adapter_config.json", "model.pth", "metrics.jsonl", "loss.png")
@@ -34,7 +35,7 @@ def _guard_run(args):
     outputs are replaced only with --resume (which continues it) or --overwrite."""
     run = args.out
     base = args.base or (os.path.join(run, EXAMPLE_BASE) if args.example else None)
-    inputs = [base, args.base_d, args.data]
+    inputs = [base, args.base_d, args.data, getattr(args, "hubert", None), getattr(args, "f0_model", None)]
     for p in inputs:
         if p and os.path.lexists(p) and os.path.realpath(p) == os.path.realpath(run):
             raise ValueError(f"{run}: is also an input of this command; write the run elsewhere")
@@ -103,6 +104,26 @@ def _compile_cache(args) -> None:
         print(f"compile cache: {d} (a rerun of this configuration skips compiling; --no-compile-cache to turn off)")
 
 
+def _prepare_into_run(args, src) -> str:
+    """``--data RAW_DIR`` (a folder of recordings): prepare it into ``RUN_DIR/data`` for the
+    base's version, rate and f0, as ``rvclora prepare`` would; a rerun or ``--resume``
+    continues that folder instead of redoing it."""
+    from .. import distributed
+
+    if not args.hubert:
+        raise ValueError(f"{args.data}: a folder of recordings; training on it prepares it first, which needs "
+                         f"--hubert (hubert_base.pt or a ContentVec folder)")
+    exp = os.path.join(args.out, "data")
+    if distributed.is_primary():
+        print(f"{args.data}: recordings; preparing them into {exp} ({src.version}, {src.sr // 1000}k, "
+              f"{'f0 ' + args.f0_method if src.f0 else 'no f0'})")
+        run_prepare(args.data, exp, hubert=args.hubert, sr=f"{src.sr // 1000}k", version=src.version, f0=src.f0,
+                    f0_method=args.f0_method, f0_model=args.f0_model, hubert_output=args.hubert_output,
+                    progress=not args.no_progress)
+    distributed.barrier()
+    return exp
+
+
 def _train(args, t0) -> int:
     import time
 
@@ -125,6 +146,8 @@ def _train(args, t0) -> int:
         raise ValueError("train needs --base G.pth and --data EXP_DIR (or --example)")
     # The base is read once: trained on here, and merged with the trained adapter below.
     src = _load(args.base, "generator", "--base", "f0G40k.pth, G_*.pth")
+    if is_recordings_folder(args.data):
+        args.data = _prepare_into_run(args, src)
     d = None
     if args.base_d:
         dsrc = _load(args.base_d, "discriminator", "--base-d", "f0D40k.pth, D_*.pth")
@@ -180,7 +203,8 @@ def register(subparsers) -> None:
     tr = subparsers.add_parser("train", help="train a LoRA adapter with RVC's GAN objective")
     tr.add_argument("--base", help="pretrained generator (f0G40k.pth, G_*.pth)")
     tr.add_argument("--base-d", help="pretrained discriminator (f0D40k.pth, D_*.pth); default: random init")
-    tr.add_argument("--data", help="RVC or Applio experiment folder")
+    tr.add_argument("--data", help="RVC or Applio experiment folder, or a folder of recordings (prepared into "
+                                   "RUN_DIR/data first, as `rvclora prepare` does: needs --hubert)")
     tr.add_argument("--out", required=True, help="run directory (becomes an adapter directory)")
     tr.add_argument("--example", action="store_true",
                     help="use the built-in example data (and a random-weight base unless --base is given)")
@@ -221,6 +245,7 @@ def register(subparsers) -> None:
                     help="continue the run in --out from its last checkpoint (a finished run is re-exported)")
     add_overwrite(tr)
     tr.add_argument("--no-progress", action="store_true")
+    add_model_flags(tr)  # --hubert, --f0-method, --f0-model, --hubert-output: for --data RAW_DIR
     mh = tr.add_argument_group("multi-host (jax.distributed; default: the RVCLORA_* environment, else one process)")
     mh.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                     help="process 0's address, the same on every process; 'auto': JAX's detection (SLURM, MPI, TPU)")
