@@ -26,10 +26,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 def speech_file(name: str) -> str:
     p = os.path.join(DATA, name)
-    if not os.path.exists(p):  # before the test data lands: the notes copy (never in CI)
-        alt = os.path.join("/work/notes", name)
-        if os.path.exists(alt):
-            return alt
+    if not os.path.exists(p):
         pytest.fail(f"{p} is missing (CMU ARCTIC clip, see tests/data/COPYING)")
     return p
 

@@ -37,7 +37,7 @@ HERE = os.path.dirname(__file__)
 
 
 def _speech() -> np.ndarray:
-    for d in (os.path.join(HERE, "data"), "/work/notes"):
+    for d in (os.path.join(HERE, "data"),):
         p = os.path.join(d, "arctic_a0007.wav")
         if os.path.exists(p):
             x, sr = sf.read(p, dtype="float32")

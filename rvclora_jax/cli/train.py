@@ -115,12 +115,12 @@ def _prepare_into_run(args, src) -> str:
                          f"--hubert (hubert_base.pt or a ContentVec folder)")
     exp = os.path.join(args.out, "data")
     if distributed.is_primary():
-        print(f"{args.data}: recordings; preparing them into {exp} ({src.version}, {src.sr // 1000}k, "
+        print(f"{args.data}: recordings; preparing them into {exp} ({src.version}, {src.config.sr // 1000}k, "
               f"{'f0 ' + args.f0_method if src.f0 else 'no f0'})")
-        run_prepare(args.data, exp, hubert=args.hubert, sr=f"{src.sr // 1000}k", version=src.version, f0=src.f0,
+        run_prepare(args.data, exp, hubert=args.hubert, sr=f"{src.config.sr // 1000}k", version=src.version, f0=src.f0,
                     f0_method=args.f0_method, f0_model=args.f0_model, hubert_output=args.hubert_output,
                     progress=not args.no_progress)
-    distributed.barrier()
+    distributed.barrier("rvclora-prepare")  # the other processes read what process 0 prepared
     return exp
 
 

@@ -6,7 +6,7 @@ the model rate; :func:`to_16k` makes the 16 kHz copy the pitch and content extra
 read; :func:`write_wav` writes either as RVC does (IEEE-float32 WAV, atomically). A file
 that cannot be used raises :class:`AudioError`, a one-line message starting with its path.
 
-Why these choices (measured, see ``/work/notes/readme-prep.md``):
+Why these choices (measured; the figures are in the README's prepare section):
 
 * RVC loads with ffmpeg/PyAV (``-ac 1 -ar SR``), i.e. libswresample. Its stereo→mono
   matrix for float output is (L+R)/√2, not the mean, and is not renormalised; that gain
