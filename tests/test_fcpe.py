@@ -18,11 +18,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from tests.torchaudio_stub import install as _install_torchaudio_stub
+from tests import torchaudio_stub
 
-_install_torchaudio_stub()
+torchaudio_stub.install()
 torch = pytest.importorskip("torch")
-torchfcpe = pytest.importorskip("torchfcpe")
+try:
+    torchfcpe = pytest.importorskip("torchfcpe")
+finally:
+    torchaudio_stub.remove()  # only while torchfcpe is imported (see the stub's docstring)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

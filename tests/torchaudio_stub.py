@@ -11,9 +11,10 @@ reference.
 
 Usage, before the first ``import torchfcpe``::
 
-    from tests.torchaudio_stub import install
+    from tests.torchaudio_stub import install, remove
     install()
     import torchfcpe
+    remove()
 
 :func:`install` does nothing when a real torchaudio is importable.
 """
@@ -62,4 +63,15 @@ def install() -> bool:
     return True
 
 
-__all__ = ["Resample", "install"]
+def remove() -> None:
+    """Take the stand-in out of :data:`sys.modules` again (modules that imported from it
+    keep their reference). Other libraries probe for torchaudio (transformers checks
+    ``importlib.util.find_spec("torchaudio")``, which fails on a module without a spec), so
+    it must only be there while torchfcpe is imported."""
+    mod = sys.modules.get("torchaudio")
+    if mod is not None and getattr(mod, "__doc__", "").startswith("stand-in installed by tests/"):
+        del sys.modules["torchaudio"]
+        sys.modules.pop("torchaudio.transforms", None)
+
+
+__all__ = ["Resample", "install", "remove"]
