@@ -200,10 +200,11 @@ def _check_legacy_sizes(path: str) -> None:
         return
     try:
         with open(path, "rb") as fh:
-            if pickle.load(fh) != _LEGACY_MAGIC:  # magic is a plain int: safe to load
+            # Every pickle here goes through the inert unpickler, the magic number too: a
+            # forged file's first pickle may as well be a call to os.system.
+            if _LegacyScan(fh).load() != _LEGACY_MAGIC:
                 return  # not a legacy torch file: torch.load gives its own error
-            fh.seek(0)
-            for _ in range(3):  # magic, protocol version, sys_info
+            for _ in range(2):  # protocol version, sys_info
                 _LegacyScan(fh).load()
             scan = _LegacyScan(fh)
             scan.load()
