@@ -50,6 +50,7 @@ class RunConfig:
     sid: int | None = None  # train every clip as this speaker row of the base (emb_g)
     sample_every: int | None = None  # render the held-out clip + log val_mel every N steps (default save_every)
     val_fraction: float = 0.1  # held out from training when the data has >= 4 clips (at least 1 clip)
+    max_shapes: int = 3  # padded batch lengths (one compile each); 1 pads every batch to the longest
 
 
 def auto_buckets(lengths: list[int], step: int = 50, max_shapes: int = 3) -> tuple[int, ...]:
@@ -80,7 +81,7 @@ def split_validation(items, fraction: float) -> tuple[list[int], list[int]]:
 
 
 def prepare_data(g: Synthesizer, data_dir: str, batch_size: int, segment_frames: int, seed: int,
-                 sid: int | None = None, val_fraction: float = 0.0):
+                 sid: int | None = None, val_fraction: float = 0.0, max_shapes: int = 3):
     """(training batches, held-out items, their loaded data); see :func:`split_validation`."""
     items = data_mod.scan_experiment(data_dir, version=g.version, f0=g.f0, sr=g.config.sr)
     n_spk = g.config.spk_embed_dim
@@ -101,7 +102,7 @@ def prepare_data(g: Synthesizer, data_dir: str, batch_size: int, segment_frames:
     val_items, val_data = [items[i] for i in val_idx], [loaded[i] for i in val_idx]
     items, loaded = [items[i] for i in train_idx], [loaded[i] for i in train_idx]
     lengths = [d["spec"].shape[0] for d in loaded]
-    buckets = auto_buckets([n for n in lengths if n >= segment_frames] or lengths)
+    buckets = auto_buckets([n for n in lengths if n >= segment_frames] or lengths, max_shapes=max_shapes)
     batches = data_mod.Batches(items, batch_size, segment_frames, seed=seed, buckets=buckets, data=loaded)
     return batches, val_items, val_data
 
@@ -243,7 +244,8 @@ def run(g: Synthesizer, cfg: RunConfig, *, discriminator: nnx.Module | None = No
         lora.inject(g, cfg.lora, rngs=nnx.Rngs(cfg.train.seed))
     summary = lora.summarize(g)
     batches, val_items, val_data = prepare_data(g, cfg.data_dir, cfg.train.batch_size, cfg.train.segment_frames,
-                                                cfg.train.seed, sid=cfg.sid, val_fraction=cfg.val_fraction)
+                                                cfg.train.seed, sid=cfg.sid, val_fraction=cfg.val_fraction,
+                                                max_shapes=cfg.max_shapes)
     spe = len(batches)
     total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * spe
     log(f"data: {len(batches.items)} clips from {cfg.data_dir}, {spe} batches/epoch of {cfg.train.batch_size}, "

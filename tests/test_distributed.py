@@ -162,6 +162,7 @@ def _close(a: float, b: float) -> bool:  # the 8-vs-1 device test's tolerance fo
     return abs(a - b) <= 1e-4 * max(abs(b), 1e-3)
 
 
+@pytest.mark.slow  # three worker processes, ~90 s on 2 cores: run with -m slow
 def test_two_processes_form_one_four_device_mesh_and_feed_their_own_rows(runs):
     info, _, _ = runs
     ref = info["ref"]
@@ -175,6 +176,7 @@ def test_two_processes_form_one_four_device_mesh_and_feed_their_own_rows(runs):
     assert info[0]["local_spec_lengths"] + info[1]["local_spec_lengths"] == ref["local_spec_lengths"]
 
 
+@pytest.mark.slow  # three worker processes, ~90 s on 2 cores: run with -m slow
 def test_two_process_losses_and_parameters_equal_one_process_four_devices(runs):
     info, leaves, _ = runs
     ref_m = {m["step"]: m for m in info["ref"]["calls"][0]["metrics"]}
@@ -215,6 +217,7 @@ def _diff(a, b) -> dict:
     return {"worst_abs": worst, "worst_rel": worst_rel, "off": off, "n": n}
 
 
+@pytest.mark.slow  # three worker processes, ~90 s on 2 cores: run with -m slow
 def test_two_process_run_resumes_from_its_checkpoint_on_every_process(runs):
     info, _, run_dir = runs
     for i in (0, 1):

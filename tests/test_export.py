@@ -194,6 +194,7 @@ def test_train_checkpoint_export_loads_with_rvc_load_checkpoint(tmp_path):
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == (tc.betas, tc.eps, tc.weight_decay)
 
 
+@pytest.mark.slow  # ~25 s; the default run exports adapter directories (test_merged_inference_export_...)
 def test_export_merges_an_adapter_object_like_its_directory(tmp_path):
     ref = _torch_g("v2", True, NARROW)
     src_path = str(tmp_path / "voice.pth")

@@ -110,6 +110,7 @@ def test_unmerge_restores_base_weights():
         np.testing.assert_allclose(np.asarray(fr[k]), np.asarray(fb[k]), rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow  # ~40 s on the full-size model; --train-speaker is off by default
 def test_speaker_embedding_delta_trains_one_row_and_merges_exactly(tmp_path):
     """train_embeddings=("emb_g",): a full-size delta of the speaker table (modules_to_save)."""
     model = S.Synthesizer(CFG, "v2", True, rngs=nnx.Rngs(0), with_enc_q=False)

@@ -43,8 +43,9 @@ def _inputs(version, B=2, T=24, seed=0):
     return phone, lengths, pitch, pitchf, sid
 
 
-# Default run: every class at one rate (v1 → 48k, v2 → 32k, nono → 40k); the full matrix is slow.
-FAST = [("v1", True, 48000), ("v2", True, 32000), ("v1", False, 40000), ("v2", False, 40000)]
+# Default run: every class at one rate (f0 → 32k, nono → 40k); the full matrix is slow. 48 kHz
+# (the slowest to build and run) is only there; test_port_modules checks every rate's generator.
+FAST = [("v1", True, 32000), ("v2", True, 32000), ("v1", False, 40000), ("v2", False, 40000)]
 SLOW = [(v, f, sr) for v in ("v1", "v2") for f in (True, False) for sr in (32000, 40000, 48000)
         if (v, f, sr) not in FAST]
 

@@ -49,7 +49,7 @@ def build_models(seed: int = 0):
     from rvclora_jax.models.discriminators import MultiPeriodDiscriminator
 
     g = S.Synthesizer(tiny_config(), "v2", True, rngs=nnx.Rngs(seed))
-    d = MultiPeriodDiscriminator(periods=(2, 3), rngs=nnx.Rngs(seed + 1))
+    d = MultiPeriodDiscriminator(periods=(2, 3), channel_divisor=8, rngs=nnx.Rngs(seed + 1))
     lora.inject(g, lora.LoRAConfig.from_preset("generator", rank=W.LORA_RANK), rngs=nnx.Rngs(seed + 2))
     return g, d
 

@@ -211,6 +211,7 @@ def test_input_errors(withf0, nono, tmp_path):
 # ------------------------------------------------------------------------ (e) folders
 
 
+@pytest.mark.slow  # ~20 s; single-file renders are checked against RVC by default
 def test_folder_renders_in_one_batch_with_own_lengths(withf0, tmp_path, monkeypatch):
     path, _, model = withf0
     rng = np.random.default_rng(2)
@@ -258,11 +259,11 @@ def test_training_run_writes_samples_and_val_mel(tmp_path):
     base = str(tmp_path / "small_G.pth")  # the base's inference file (what `render RUN_DIR` loads)
     net = _write_inference_pth(base, f0=True, seed=0, cfg=cfg)
     g = load_torch_into(S.Synthesizer(cfg, "v2", True, rngs=nnx.Rngs(0)), net)  # + random enc_q: trainable
-    d = MultiPeriodDiscriminator(periods=(2, 3), rngs=nnx.Rngs(1))
+    d = MultiPeriodDiscriminator(periods=(2, 3), channel_divisor=8, rngs=nnx.Rngs(1))
     rd = str(tmp_path / "run")
     rcfg = RunConfig(data_dir=example_dir(), run_dir=rd, lora=lora.LoRAConfig.from_preset("generator", rank=4),
                      train=TrainConfig(batch_size=2, segment_frames=8, lr=1e-3), steps=4, save_every=100,
-                     log_every=1, progress=False, sample_every=2)
+                     log_every=1, progress=False, sample_every=2, max_shapes=1)  # one compile
     res = run(g, rcfg, discriminator=d, metadata={"base": base}, log=lambda s: None)
     assert res.step == 4 and len(res.val_items) == 1
     assert len(res.batches.items) == 7  # 8 example clips, 1 held out, not trained on
