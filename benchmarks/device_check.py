@@ -367,7 +367,9 @@ def jax_step_timing(cfg, tiny, B, T, seg, steps, dtype):
     state = tr.init_state()
     placed = tr.put_batch(b)
     t0 = time.perf_counter()
-    compiled = tr._step.lower(state, placed).compile()
+    # the step's arguments: state (donated), the placed batch, the frozen base (an argument,
+    # not a constant baked into the program)
+    compiled = tr._step.lower(state, placed, tr.frozen).compile()
     compile_s = time.perf_counter() - t0
     footprint = None
     try:
@@ -377,13 +379,13 @@ def jax_step_timing(cfg, tiny, B, T, seg, steps, dtype):
     except Exception:  # noqa: BLE001 - not every backend reports it
         pass
     t0 = time.perf_counter()
-    state, m = compiled(state, placed)
+    state, m = compiled(state, placed, tr.frozen)
     jax.block_until_ready(m)
     first = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        state, m = compiled(state, placed)
+        state, m = compiled(state, placed, tr.frozen)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     loss = float(m["loss_g"])
