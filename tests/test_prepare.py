@@ -340,3 +340,32 @@ def test_coarse_and_methods():
         pitch_method("crepe")
     with pytest.raises(ValueError, match="no model file"):
         pitch_method("harvest", "rmvpe.pt")
+
+
+def test_cli_output_never_an_input_nor_a_foreign_folder(raw, tmp_path, capsys):
+    """`rvclora prepare --out` equal to the --hubert folder, inside it, or an existing
+    non-empty folder that no prepare run made: one line, before any work, nothing written
+    (an earlier prepare run is continued instead: test_rerun_skips_everything)."""
+    import hashlib
+
+    from rvclora_jax.cli import main
+
+    hub = tmp_path / "hubert"
+    hub.mkdir()
+    (hub / "config.json").write_text("{}")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep\n")
+
+    def snapshot():
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+                for d in (raw, hub, foreign) for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    for out, needle in [(hub, "is also an input"), (hub / "config.json", "is part of the input"),
+                        (foreign, "exists and is not empty")]:
+        rc = main(["prepare", str(raw), "--out", str(out), "--f0-method", "harvest", "--hubert", str(hub),
+                   "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and needle in err, (out, err)
+    assert snapshot() == before

@@ -102,7 +102,8 @@ def is_recordings_folder(path: str) -> bool:
 def run_prepare(raw_dir: str, out: str, *, hubert: str, sr="40k", version: str = "v2", f0: bool = True,
                 f0_method: str = "rmvpe", f0_model: str | None = None, hubert_output: str | None = None,
                 per: float = 3.7, numbering: str = "sequential", downmix: str = "rvc", layout: str = "rvc",
-                speaker_id: int = 0, mute: bool = False, progress: bool = True, batch_size: int = 8):
+                speaker_id: int = 0, mute: bool = False, progress: bool = True, batch_size: int = 8,
+                overwrite: bool = False):
     """Load the models named by the flags, then :func:`rvclora_jax.frontend.prepare.prepare`
     (the whole of ``rvclora prepare``; ``rvclora train --data RAW_DIR`` can call it into its
     run directory). Returns the :class:`~rvclora_jax.frontend.prepare.PrepareResult`."""
@@ -117,6 +118,14 @@ def run_prepare(raw_dir: str, out: str, *, hubert: str, sr="40k", version: str =
     if _inside(real_out, raw) or _inside(raw, real_out):
         raise ValueError(f"{out}: the experiment folder and the recordings folder {raw_dir} "
                          "must not contain each other")
+    # The shared output guard, before any work: the experiment folder is never a model file
+    # or folder we read, and an existing non-empty folder is only written into when it is
+    # an earlier prepare run (which this one continues) or with --overwrite.
+    from ..frontend.prepare import MANIFEST
+    from ._outputs import guard
+
+    guard([raw_dir, hubert, f0_model], dirs=[out],
+          overwrite=overwrite or os.path.isfile(os.path.join(out, MANIFEST)))
     output = hubert_output or version
     if output[:2] != version:
         raise ValueError(f"--hubert-output {output} gives {output[:2]} features, but --version is {version}")
@@ -141,7 +150,7 @@ def _cmd_prepare(args) -> int:
                       f0=not args.no_f0, f0_method=args.f0_method, f0_model=args.f0_model,
                       hubert_output=args.hubert_output, per=args.per, numbering=args.numbering,
                       downmix=args.downmix, layout=args.layout, speaker_id=args.speaker_id, mute=args.mute,
-                      progress=not args.no_progress, batch_size=args.batch_size)
+                      progress=not args.no_progress, batch_size=args.batch_size, overwrite=args.overwrite)
     done = ", ".join(f"{k} {res.done[k]}" for k in res.done)
     kept = ", ".join(f"{k} {res.reused[k]}" for k in res.reused)
     print(f"{res.out_dir}: {len(res.items)} pieces ready in {res.seconds:.1f} s "
@@ -172,6 +181,9 @@ def register(sub) -> None:
     p.add_argument("--sr", default="40k", choices=["32k", "40k", "48k"], help="model sample rate (default 40k)")
     p.add_argument("--version", default="v2", choices=["v1", "v2"], help="v2: 768-d features, v1: 256-d")
     add_model_flags(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing non-empty folder that is not an earlier prepare run "
+                        "(never a model file or the recordings)")
     p.add_argument("--no-f0", action="store_true", help="a model without pitch (nono): no 2a_f0/2b-f0nsf")
     p.add_argument("--per", type=A.positive_float, default=3.7,
                    help="piece length in seconds (RVC: 3.7, or 3.0 on CPU-only machines)")
