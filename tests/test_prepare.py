@@ -21,14 +21,7 @@ from rvclora_jax.data import load_items, scan_experiment
 from rvclora_jax.frontend.pitch import harvest
 from rvclora_jax.frontend.prepare import MANIFEST, prepare
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def speech_file(name: str) -> str:
-    p = os.path.join(DATA, name)
-    if not os.path.exists(p):
-        pytest.fail(f"{p} is missing (CMU ARCTIC clip, see tests/data/COPYING)")
-    return p
+from tests.speech import speech_file  # noqa: E402
 
 
 def stand_in_features(dim):

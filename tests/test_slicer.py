@@ -12,14 +12,7 @@ from rvclora_jax.frontend.slicer import RVC_SLICER, Slicer
 
 slicer2 = pytest.importorskip("rvc.lib.slicer2")
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def speech_file(name: str) -> str:
-    p = os.path.join(DATA, name)
-    if not os.path.exists(p):
-        pytest.fail(f"{p} is missing (CMU ARCTIC clip, see tests/data/COPYING)")
-    return p
+from tests.speech import speech_file  # noqa: E402
 
 
 def assert_same(x, sr, **kw):
