@@ -251,6 +251,27 @@ def test_outputs_honour_the_umask(tmp_path, capsys):
 # ------------------------------------------------------------------ class 5: the real train command (slow)
 
 
+def _signal_after_first_checkpoint(cmd, root, run, sig):
+    """Start ``cmd`` (an ``rvclora train`` writing RUN_DIR ``run``), send ``sig`` once its
+    first checkpoint exists; (exit code, combined output)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 900 and proc.poll() is None:
+            if os.path.exists(os.path.join(run, "checkpoints", "1")):
+                break
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out
+
+
 @pytest.mark.slow
 def test_cli_train_ctrl_c_resume_finished_rerun_and_overwrite(tmp_path):
     """Full-size `rvclora train --example` (several minutes on 2 cores): Ctrl-C after the
@@ -261,26 +282,14 @@ def test_cli_train_ctrl_c_resume_finished_rerun_and_overwrite(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = str(tmp_path / "RUN")
     cmd = [sys.executable, "-m", "rvclora_jax.cli", "train", "--example", "--out", run, "--steps", "3",
            "--batch-size", "1", "--segment-frames", "8", "--log-every", "1", "--save-every", "1", "--no-progress"]
     metrics = os.path.join(run, "metrics.jsonl")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        t0 = time.time()
-        while time.time() - t0 < 900 and proc.poll() is None:
-            if os.path.exists(os.path.join(run, "checkpoints", "1")):
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=600)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out
+    rc, out = _signal_after_first_checkpoint(cmd, root, run, signal.SIGINT)
+    assert rc == 130, out
     assert "Traceback" not in out and "already exists" not in out, out
     for name in ("adapter.safetensors", "adapter_config.json", "loss.png"):
         assert os.path.exists(os.path.join(run, name)), (name, out)
@@ -316,25 +325,13 @@ def test_cli_train_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = str(tmp_path / "RUN")
     cmd = [sys.executable, "-m", "rvclora_jax.cli", "train", "--example", "--out", run, "--steps", "4",
            "--batch-size", "1", "--segment-frames", "8", "--log-every", "1", "--save-every", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        t0 = time.time()
-        while time.time() - t0 < 900 and proc.poll() is None:
-            if os.path.exists(os.path.join(run, "checkpoints", "1")):
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=600)[0]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out
+    rc, out = _signal_after_first_checkpoint(cmd, root, run, signal.SIGTERM)
+    assert rc == 130, out
     assert "Traceback" not in out, out
     for name in ("adapter.safetensors", "adapter_config.json"):
         assert os.path.exists(os.path.join(run, name)), (name, out)
