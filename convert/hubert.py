@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from .pth import RVCFileError
-from .state_dict import StateDictError, torch_to_flax
+from .state_dict import StateDictError, flax_to_torch, torch_to_flax
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError
-from rvclora_jax.fileio import require_regular_file
+from rvclora_jax.fileio import atomic_write, require_regular_file
 from rvclora_jax.frontend.hubert import Hubert
 from rvclora_jax.tree import TreeMismatch
 
@@ -500,4 +500,33 @@ def load_hubert(path: str | os.PathLike, *, dtype=None, param_dtype=None) -> Hub
         raise HubertFileError(msg if msg.startswith(src) else f"{src}: {msg}") from None
 
 
-__all__ = ["HubertFileError", "load_hubert", "read_hubert_state_dict", "fairseq_to_hf", "fold_pos_conv"]
+__all__ = ["HubertFileError", "load_hubert", "save_hf_folder", "read_hubert_state_dict", "fairseq_to_hf", "fold_pos_conv"]
+
+
+def save_hf_folder(model: Hubert, folder: str | os.PathLike, *, dtype=np.float32) -> str:
+    """Write ``model`` as a Hugging Face HubertModel folder (``config.json`` +
+    ``model.safetensors``, HF's key names) that :func:`load_hubert` (and transformers) read.
+    Used for the built-in example's random-weight stand-in (``dtype=float16`` halves its
+    size; the loader reads it back in float32); each file goes to a temporary path first,
+    then is renamed."""
+    from safetensors.numpy import save_file
+
+    folder = os.fspath(folder)
+    cfg = model.config
+    sd = {k: np.ascontiguousarray(v, dtype) for k, v in flax_to_torch(model).items()}
+    hf = {"model_type": "hubert", "architectures": ["HubertModel"],
+          "conv_dim": [c for c, _, _ in cfg.conv_layers], "conv_kernel": [k for _, k, _ in cfg.conv_layers],
+          "conv_stride": [s for _, _, s in cfg.conv_layers], "conv_bias": cfg.conv_bias,
+          "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+          "num_conv_pos_embeddings": cfg.conv_pos, "num_conv_pos_embedding_groups": cfg.conv_pos_groups,
+          "layer_norm_eps": cfg.layer_norm_eps, "feat_extract_norm": "group", "do_stable_layer_norm": False,
+          "hidden_act": "gelu", "feat_extract_activation": "gelu"}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write(os.path.join(folder, "model.safetensors"), lambda tmp: save_file(sd, tmp), suffix=".safetensors")
+
+    def write_config(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(hf, fh, indent=1)
+    atomic_write(os.path.join(folder, "config.json"), write_config, suffix=".json")
+    return folder

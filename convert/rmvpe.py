@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from flax import nnx
 
 from .pth import RVCFileError, _fail, _to_numpy, _torch_load
@@ -114,4 +115,16 @@ def load_rmvpe(path: str | os.PathLike, *, dtype=None, param_dtype=None, check_h
         raise RVCFileError(" ".join(str(e).split())) from None
 
 
-__all__ = ["load_rmvpe", "load_rmvpe_state_dict", "RMVPEHashWarning", "sha256_of", "RVCFileError"]
+def save_rmvpe(model: RMVPE, path: str | os.PathLike, *, dtype=np.float32) -> str:
+    """Write ``model`` as an ``rmvpe.pt`` state dict (RVC's keys and layouts, batch-norm
+    statistics included) that :func:`load_rmvpe` and ``rvc.lib.rmvpe`` read: the built-in
+    example's random-weight stand-in. Written to a temporary path, then renamed."""
+    from rvclora_jax.fileio import atomic_write
+
+    flat = flatten(nnx.to_pure_dict(nnx.state(model)))
+    sd = {tk: torch.from_numpy(np.array(to_torch(np.asarray(flat[fp], np.float32)), dtype))
+          for fp, (tk, _, to_torch) in torch_layout(model).items()}
+    return atomic_write(os.fspath(path), lambda tmp: torch.save(sd, tmp), suffix=".pt")
+
+
+__all__ = ["save_rmvpe", "load_rmvpe", "load_rmvpe_state_dict", "RMVPEHashWarning", "sha256_of", "RVCFileError"]

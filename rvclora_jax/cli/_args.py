@@ -44,7 +44,8 @@ finite_float = _checked(_float, lambda x: True, "a finite number")
 positive_float = _checked(_float, lambda x: x > 0, "a finite number > 0")
 non_negative_float = _checked(_float, lambda x: x >= 0, "a finite number >= 0")
 fraction = _checked(_float, lambda x: 0 <= x < 1, "a number in [0, 1)")  # finite, in [0, 1)
+unit_float = _checked(_float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 
 
-__all__ = ["positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float",
+__all__ = ["unit_float", "positive_int", "non_negative_int", "seed", "finite_float", "positive_float", "non_negative_float",
            "fraction", "SEED_MAX"]

@@ -44,20 +44,47 @@ def resolve_model(path: str, adapter: str | None) -> tuple[str, str | None]:
 def load_model(path: str, adapter: str | None, scale: float):
     """MODEL.pth | converted dir | RUN_DIR (adapter dir whose metadata names its base) →
     ``(Synthesizer with the adapter merged in, its rvclora_convert Source)``."""
+    if adapter is None and scale != 1.0 and not _is_run_dir(path):
+        raise ValueError("--scale needs --adapter (or a RUN_DIR)")
+    return load_voice(path, [] if adapter is None else [(adapter, scale)], run_scale=scale)
+
+
+def _is_run_dir(path: str) -> bool:
+    from .. import adapters
+
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, adapters.ADAPTER_CONFIG))
+
+
+def load_voice(path: str, specs: list[tuple[str, float]], *, run_scale: float = 1.0):
+    """MODEL (``.pth`` | converted dir | RUN_DIR) + weighted adapters → ``(Synthesizer with
+    them merged in, its Source)``. One adapter merges at its weight (its scale); several are
+    first mixed exactly (:func:`rvclora_jax.adapters.mix`, the rank-concatenating sum
+    ``Σ w_j·ΔW_j`` that ``rvclora adapters mix`` writes), then merged at scale 1, so A/B-ing
+    a blend needs no exported file. A RUN_DIR brings its own adapter (at ``run_scale``)."""
     require_torch("reading .pth files")
     from rvclora_convert.export import load_source, merge_adapter
 
+    from .. import adapters
     from ..params import load_params
 
-    path, adapter = resolve_model(path, adapter)
+    if _is_run_dir(path):
+        if specs:
+            raise ValueError(f"{path}: is a training run (an adapter directory); it brings its own adapter, "
+                             f"so do not pass --adapter")
+        path, run_adapter = resolve_model(path, None)
+        specs = [(run_adapter, run_scale)]
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such model file or folder")
     src = load_source(path)
     if src.kind != "generator":
-        raise ValueError(f"{src.path}: is a {src.kind}; render needs a generator (an RVC voice model)")
-    if adapter is not None:
-        merged, _ = merge_adapter(src, adapter, scale)
+        raise ValueError(f"{src.path}: is a {src.kind}; this needs a generator (an RVC voice model)")
+    if len(specs) == 1:
+        merged, _ = merge_adapter(src, specs[0][0], specs[0][1])
         load_params(src.model, merged)
-    elif scale != 1.0:
-        raise ValueError("--scale needs --adapter (or a RUN_DIR)")
+    elif specs:
+        mixed = adapters.mix([adapters.load_adapter(p) for p, _ in specs], [w for _, w in specs])
+        merged, _ = merge_adapter(src, mixed, 1.0)
+        load_params(src.model, merged)
     return src.model, src
 
 

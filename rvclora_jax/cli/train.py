@@ -22,6 +22,10 @@ from .prepare import add_model_flags, is_recordings_folder, run_prepare
 RUN_FILES = ("adapter.safetensors", "adapter_config.json", "model.pth", "metrics.jsonl", "loss.png")
 RUN_DIRS = ("checkpoints", "samples")
 EXAMPLE_BASE = "example_base_G.pth"
+# The example's random-weight stand-ins for the content and pitch models (real layouts,
+# float16 files) and the clip it converts at the end.
+EXAMPLE_HUBERT, EXAMPLE_RMVPE = "example_hubert", "example_rmvpe.pt"
+EXAMPLE_CLIP = "0_0.wav"
 
 
 def _has_checkpoint(run_dir: str) -> bool:
@@ -55,6 +59,50 @@ def write_example_base(path: str, seed: int) -> None:
     from ..models import synthesizer as S
 
     write_base_file(S.Synthesizer(RVC.preset("v2", 40000), "v2", True, rngs=nnx.Rngs(seed)), path)
+
+
+def write_example_frontend(run: str, seed: int) -> tuple[str, str]:
+    """Random-weight HuBERT (a Hugging Face folder) and RMVPE (``rmvpe.pt``) in their real
+    layouts, for the example's conversion step: no weights can be downloaded here, and
+    this way the step runs ``rvclora infer`` exactly as a user would with real ones."""
+    import warnings
+
+    from flax import nnx
+    from rvclora_convert.hubert import save_hf_folder
+    from rvclora_convert.rmvpe import save_rmvpe
+
+    from ..frontend.hubert import Hubert, HubertConfig
+    from ..frontend.rmvpe import RMVPE, RMVPEConfig
+
+    hub, rm = os.path.join(run, EXAMPLE_HUBERT), os.path.join(run, EXAMPLE_RMVPE)
+    if not os.path.isfile(os.path.join(hub, "model.safetensors")):
+        save_hf_folder(Hubert(HubertConfig(), rngs=nnx.Rngs(seed + 1)), hub, dtype="float16")
+    if not os.path.isfile(rm):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "non-writable array" (it is copied)
+            save_rmvpe(RMVPE(RMVPEConfig(), rngs=nnx.Rngs(seed + 2)), rm, dtype="float16")
+    return hub, rm
+
+
+def _example_infer(args) -> None:
+    """The example's last step: ``rvclora infer`` on one of its clips with the run just made."""
+    import warnings
+
+    from ..data import example_dir
+    from . import build_parser
+
+    print("example: converting a clip with the trained adapter (random-weight HuBERT and RMVPE stand-ins)")
+    hub, rm = write_example_frontend(args.out, args.seed)
+    clip = os.path.join(example_dir(), "0_gt_wavs", EXAMPLE_CLIP)
+    out = os.path.join(args.out, "infer", EXAMPLE_CLIP)
+    argv = ["infer", clip, "--model", args.out, "--hubert", hub, "--f0-method", "rmvpe", "--f0-model", rm,
+            "--out", out, "--no-progress", "--overwrite"]
+    print("  rvclora " + " ".join(argv))
+    iargs = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*SHA-256.*")  # the stand-in is not the official rmvpe.pt
+        iargs.func(iargs)
+    print(f"  listen: {os.path.abspath(out)}")
 
 
 def _load(path: str, kind: str, flag: str, example: str):
@@ -191,6 +239,8 @@ def _train(args, t0) -> int:
     print(f"  model.pth                                   merged RVC inference model ({rep['bytes'] / 1e6:.1f} MB, "
           f"loads in RVC WebUI / Applio)")
     print("  metrics.jsonl, loss.png, samples/ (held-out renders + mel PNGs), checkpoints/")
+    if args.example and not args.no_example_infer:
+        _example_infer(args)
     return 0
 
 
@@ -206,6 +256,8 @@ def register(subparsers) -> None:
     tr.add_argument("--data", help="RVC or Applio experiment folder, or a folder of recordings (prepared into "
                                    "RUN_DIR/data first, as `rvclora prepare` does: needs --hubert)")
     tr.add_argument("--out", required=True, help="run directory (becomes an adapter directory)")
+    tr.add_argument("--no-example-infer", action="store_true",
+                    help="with --example: skip the final conversion step (rvclora infer on an example clip)")
     tr.add_argument("--example", action="store_true",
                     help="use the built-in example data (and a random-weight base unless --base is given)")
     tr.add_argument("--rank", type=A.positive_int, default=8)
