@@ -158,15 +158,19 @@ def _sids(model, sid, B: int) -> np.ndarray:
 
 
 def render_arrays(model, inputs: Sequence[dict], *, sid=0, noise_scale: float = INFER_NOISE_SCALE,
-                  eps=None, source_noise=None) -> list[np.ndarray]:
+                  eps=None, source_noise=None, frames: int | None = None) -> list[np.ndarray]:
     """The low-level entry point: render a batch with explicit noise arrays.
 
     ``eps`` ``[B, T, inter_channels]`` (standard normal, scaled by ``noise_scale``) and
     ``source_noise`` ``[B, T·hop, 1]`` (standard normal, NSF models only) are for the
     zero-padded batch (T = the longest input); ``None`` means no noise. One jit-compiled
-    call; returns each input's audio cut to its own ``T·hop`` samples (float32)."""
+    call; returns each input's audio cut to its own ``T·hop`` samples (float32).
+    ``frames``: pad the batch to this T instead (a bucket length, so inputs of nearby
+    lengths share one compiled program; the decoder's masking makes it exact)."""
     _check(model, inputs)
-    b = collate(inputs)
+    if frames is not None and frames < max(int(x["length"]) for x in inputs):
+        raise ValueError(f"frames={frames} is shorter than the longest input")
+    b = collate(inputs, frames)
     B, T = b["phone"].shape[:2]
     hop = int(model.config.hop_length)
     if eps is not None:

@@ -1,0 +1,325 @@
+"""``rvclora_jax.pipeline`` against RVC's own ``rvc.modules.vc.pipeline.Pipeline.pipeline``
+(rvc==0.3.5), end to end on real speech, with the same random-weight models on both sides:
+
+* HuBERT: a small ``transformers.HubertModel`` (hubert-base's conv geometry, 768-d so the
+  synthesizers take its features, 10 layers so RVC's v1 layer 9 is not the last one, with
+  a 768→256 ``final_proj``), wrapped in fairseq's ``extract_features`` / ``final_proj``
+  interface for RVC; the same weights loaded into the JAX port from the HF folder.
+* Synthesizers: RVC's torch classes with narrow channels and random weights, converted.
+* RMVPE: RVC's ``RMVPE`` class on a reduced random ``E2E``, set as ``model_rmvpe``; the
+  same file loaded into the JAX port. Harvest: pyworld on both sides.
+* Index: faiss IVF-Flat written by faiss, read by faiss (RVC) and by our reader.
+* Noise off on both sides: RVC's prior and NSF noise (``torch.randn_like``) patched to 0.
+
+The x_* values are shrunk on both sides (pad 0.25 s, query 0.25 s, centre 1 s, max 1.25 s)
+so a 4 s clip takes RVC's split-point path (3 splits) cheaply; a 1 s clip is not split.
+RVC's module imports parselmouth and torchcrepe, which are not installed: stand-ins are
+put in ``sys.modules`` for the import (neither is called: no pm/crepe here).
+
+Tolerance: int16 samples within TOL_LSB, and SNR > 60 dB (what the README quotes).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+faiss = pytest.importorskip("faiss")
+sf = pytest.importorskip("soundfile")
+pytest.importorskip("scipy")
+
+from flax import nnx  # noqa: E402
+
+from rvclora_convert import rmvpe as rmvpe_loader  # noqa: E402
+from rvclora_convert.hubert import load_hubert  # noqa: E402
+from rvclora_jax import pipeline as P  # noqa: E402
+from rvclora_jax import retrieval  # noqa: E402
+from rvclora_jax.families.rvc import RVC  # noqa: E402
+from rvclora_jax.frontend import pitch as pitch_mod  # noqa: E402
+from rvclora_jax.frontend import rmvpe as J  # noqa: E402
+from rvclora_jax.frontend.hubert import ContentFeatures  # noqa: E402
+from rvclora_jax.models import synthesizer as S  # noqa: E402
+from tests.speech import speech_file  # noqa: E402
+from tests.torch_ref import load_torch_into, randomize_  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOL_LSB = 4          # max |Δ| on int16 samples
+MIN_SNR_DB = 60.0
+X = dict(x_pad=0.25, x_query=0.25, x_center=1.0, x_max=1.25)
+TINY_RMVPE = dict(n_blocks=2, en_de_layers=3, inter_layers=1, en_out_channels=4)
+# RVC's exact v2 48k / v1 40k structures with narrow channels
+NARROW = dict(inter_channels=16, hidden_channels=32, filter_channels=64, upsample_initial_channel=64,
+              gin_channels=8, spk_embed_dim=3)
+V2 = RVC.preset("v2", 48000).replace(**NARROW)
+V1 = RVC.preset("v1", 40000).replace(**NARROW)
+
+
+# --------------------------------------------------------------------------- RVC's side
+
+
+class FairseqHubert(torch.nn.Module):
+    """An HF HubertModel behind fairseq's interface, as RVC's ``Pipeline.vc`` calls it:
+    ``extract_features(source, padding_mask, output_layer)[0]`` is the output of layer
+    ``output_layer`` (1-based; fairseq runs all layers of a shallower model), ``final_proj``."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf, self.final_proj = hf, hf.final_proj
+
+    def extract_features(self, source, padding_mask=None, output_layer=None):
+        assert padding_mask is None or not bool(padding_mask.any())  # RVC's mask is all False
+        hs = self.hf(source, output_hidden_states=True).hidden_states
+        n = len(hs) - 1
+        return hs[n if output_layer is None else min(int(output_layer), n)], None
+
+
+class HubertModelWithFinalProj(transformers.HubertModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.final_proj = torch.nn.Linear(config.hidden_size, config.classifier_proj_size)
+
+
+def _rvc_pipeline_module():
+    """Import RVC's pipeline with stand-ins for the two trackers it imports but we never
+    call (parselmouth, torchcrepe) and pyworld's compiled module (its __init__ needs the
+    removed pkg_resources)."""
+    stubs = {"parselmouth": types.ModuleType("parselmouth"), "torchcrepe": types.ModuleType("torchcrepe")}
+    try:
+        import pyworld  # noqa: F401
+    except ImportError:
+        stubs["pyworld"] = pitch_mod._pyworld()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, mod in stubs.items():
+            if name not in sys.modules:
+                mp.setitem(sys.modules, name, mod)
+        sys.modules.pop("rvc.modules.vc.pipeline", None)
+        import rvc.modules.vc.pipeline as rp
+        # keep the names the module bound at import; drop the stand-ins from sys.modules
+    return rp
+
+
+def _rvc_pipe(rp, tgt_sr, rmvpe=None):
+    cfg = types.SimpleNamespace(x_pad=1, x_query=1, x_center=1, x_max=1, is_half=False, device="cpu")
+    pipe = rp.Pipeline(tgt_sr, cfg)
+    # RVC's x_* are whole seconds; set its sample counts directly to the shrunk values
+    pipe.t_pad = int(16000 * X["x_pad"])
+    pipe.t_pad_tgt = int(tgt_sr * X["x_pad"])
+    pipe.t_pad2 = 2 * pipe.t_pad
+    pipe.t_query = int(16000 * X["x_query"])
+    pipe.t_center = int(16000 * X["x_center"])
+    pipe.t_max = int(16000 * X["x_max"])
+    if rmvpe is not None:
+        pipe.model_rmvpe = rmvpe
+    return pipe
+
+
+def _noise_off():
+    mp = pytest.MonkeyPatch()
+    mp.setattr(torch, "randn_like", lambda x, *a, **k: torch.zeros_like(x))
+    return mp
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _speech(name, seconds=None):
+    x, sr = sf.read(speech_file(name), dtype="float32")
+    assert sr == 16000
+    x = x if seconds is None else x[: int(seconds * sr)]
+    peak = np.abs(x).max() / 0.95  # vc_single's peak limit
+    return (x / peak if peak > 1 else x).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    torch.manual_seed(0)
+    hf_cfg = transformers.HubertConfig(
+        hidden_size=768, num_hidden_layers=10, num_attention_heads=12, intermediate_size=64,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16,
+        classifier_proj_size=256)
+    hf = HubertModelWithFinalProj(hf_cfg).eval()
+    with torch.no_grad():  # HF initialises norms to (1, 0): random gains and biases
+        g = torch.Generator().manual_seed(1)
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    hf.save_pretrained(str(d / "hubert"))
+    jhubert = load_hubert(d / "hubert")
+
+    # RMVPE: RVC's class on a reduced random E2E (as tests/test_rmvpe.py)
+    from rvc.lib import rmvpe as R
+
+    torch.manual_seed(0)
+    e2e = R.E2E(TINY_RMVPE["n_blocks"], 1, (2, 2), TINY_RMVPE["en_de_layers"], TINY_RMVPE["inter_layers"], 1,
+                TINY_RMVPE["en_out_channels"])
+    with torch.no_grad():
+        for mod in e2e.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    rpath = str(d / "rmvpe.pt")
+    torch.save(e2e.eval().state_dict(), rpath)
+    real = R.E2E
+    with pytest.MonkeyPatch.context() as mp:
+        def tiny_e2e(*_):
+            mp.setattr(R, "E2E", real)
+            c = TINY_RMVPE
+            return real(c["n_blocks"], 1, (2, 2), c["en_de_layers"], c["inter_layers"], 1, c["en_out_channels"])
+
+        mp.setattr(R, "E2E", tiny_e2e)
+        rvc_rmvpe = R.RMVPE(rpath, is_half=False, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rmvpe_loader.RMVPEHashWarning)
+        jrmvpe = J.RMVPEPitch(rmvpe_loader.load_rmvpe(rpath))
+
+    long_wav, short_wav = _speech("arctic_a0007.wav"), _speech("arctic_a0009.wav", 1.0)
+    # indexes from the same HuBERT on other speech (as RVC's train_index, on the features
+    # of the training set): the second half of a0009
+    idx_src = _speech("arctic_a0009.wav")[16000:]
+    indexes = {}
+    for version in ("v1", "v2"):
+        feats = ContentFeatures(jhubert, version)(idx_src)
+        n_ivf = min(int(16 * np.sqrt(len(feats))), len(feats) // 39)
+        ix = faiss.index_factory(feats.shape[1], f"IVF{n_ivf},Flat")
+        faiss.extract_index_ivf(ix).nprobe = 1
+        ix.train(feats)
+        ix.add(feats)
+        path = str(d / f"added_IVF{n_ivf}_Flat_nprobe_1_test_{version}.index")
+        faiss.write_index(ix, path)
+        indexes[version] = path
+    return dict(hf=FairseqHubert(hf).eval(), jhubert=jhubert, rvc_rmvpe=rvc_rmvpe, jrmvpe=jrmvpe,
+                long=long_wav, short=short_wav, index=indexes, rp=_rvc_pipeline_module())
+
+
+_SYNTHS = {}
+
+
+def _synth(version, f0, seed):
+    key = (version, f0, seed)
+    if key not in _SYNTHS:
+        from rvc.lib.infer_pack import models as M
+
+        cls = {("v1", True): M.SynthesizerTrnMs256NSFsid, ("v1", False): M.SynthesizerTrnMs256NSFsid_nono,
+               ("v2", True): M.SynthesizerTrnMs768NSFsid, ("v2", False): M.SynthesizerTrnMs768NSFsid_nono}[
+            (version, f0)]
+        cfg = V1 if version == "v1" else V2
+        torch.manual_seed(seed)
+        net = randomize_(cls(*cfg.to_list(), is_half=False).eval(), seed)
+        jnet = load_torch_into(S.Synthesizer(cfg, version, f0, rngs=nnx.Rngs(0)), net)
+        _SYNTHS[key] = (net, jnet, cfg.sr)
+    return _SYNTHS[key]
+
+
+def _rvc_convert(world, net, tgt_sr, wav, *, name, version, f0, method, index, sid, opts):
+    rp = world["rp"]
+    pipe = _rvc_pipe(rp, tgt_sr, world["rvc_rmvpe"])
+    mp = _noise_off()
+    try:
+        with torch.no_grad():
+            return pipe.pipeline(world["hf"], net, sid, wav.copy(), name, {"npy": 0, "f0": 0, "infer": 0},
+                                 opts["f0_up_key"], method, index or "", opts["index_rate"], int(f0),
+                                 opts["filter_radius"], tgt_sr, opts["resample_sr"], opts["rms_mix_rate"],
+                                 version, opts["protect"])
+    finally:
+        mp.undo()
+
+
+def _compare(got, want, name):
+    assert got.dtype == np.int16 and want.dtype == np.int16
+    assert got.shape == want.shape, f"{name}: {got.shape} samples, RVC {want.shape}"
+    d = np.abs(got.astype(np.int64) - want.astype(np.int64))
+    sig = np.sum(want.astype(np.float64) ** 2)
+    snr = 10 * np.log10(sig / max(np.sum(d.astype(np.float64) ** 2), 1e-12))
+    print(f"[parity] {name}: {want.size} samples, peak {np.abs(want).max()}, max|Δ| = {d.max()} LSB, "
+          f"{np.mean(d > 0):.2%} differ, SNR {snr:.1f} dB")
+    assert np.abs(want).max() > 1000, f"{name}: the reference is near-silent; the test would prove little"
+    assert d.max() <= TOL_LSB and snr > MIN_SNR_DB, f"{name}: max|Δ| {d.max()} LSB, SNR {snr:.1f} dB"
+
+
+def _opts(**kw):
+    o = dict(f0_up_key=0, index_rate=0.75, protect=0.33, rms_mix_rate=0.25, filter_radius=3, resample_sr=0)
+    o.update(kw)
+    return o
+
+
+def _ours(world, jnet, version, *, pitch, index, sid, opts):
+    cfg = P.PipelineConfig(**X, **opts)
+    return P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], version), pitch=pitch,
+                            index=None if index is None else retrieval.read_index(index),
+                            config=cfg, sid=sid, noise_scale=0.0)
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def test_split_points_are_rvcs(world):
+    audio = P.highpass(world["long"])
+    t_c, t_q, t_m = (int(16000 * X[k]) for k in ("x_center", "x_query", "x_max"))
+    got = P.split_points(audio, t_c, t_q, t_m)
+    # RVC's search, verbatim in effect: the full running sum, then the first minimum per window
+    pad = np.pad(audio, (80, 80), mode="reflect")
+    s = np.zeros_like(audio)
+    for i in range(160):
+        s += np.abs(pad[i: i - 160])
+    want = [t - t_q + int(np.where(s[t - t_q: t + t_q] == s[t - t_q: t + t_q].min())[0][0])
+            for t in range(t_c, audio.shape[0], t_c)]
+    assert got == want and len(got) == 3
+    assert P.split_points(P.highpass(world["short"]), t_c, t_q, t_m) == []
+
+
+def test_rmvpe_index_protect_v2_batch_of_two(world):
+    """f0 model, rmvpe, index, protect 0.33, key +3; a split input and an unsplit one
+    converted in one batch, each equal to RVC converting it alone."""
+    net, jnet, sr = _synth("v2", True, 5)
+    opts = _opts(f0_up_key=3, protect=0.33)
+    vc = _ours(world, jnet, "v2", pitch=world["jrmvpe"], index=world["index"]["v2"], sid=1, opts=opts)
+    seen = []
+    got = vc.batch([world["long"], world["short"]], progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx((len(world["long"]) + len(world["short"])) / 16000)
+    for name, wav, g in (("long", world["long"], got[0]), ("short", world["short"], got[1])):
+        want = _rvc_convert(world, net, sr, wav, name=f"rmvpe-{name}", version="v2", f0=True, method="rmvpe",
+                            index=world["index"]["v2"], sid=1, opts=opts)
+        _compare(g, want, f"v2 f0 rmvpe+index+protect ({name})")
+
+
+def test_harvest_no_index_v2_resampled(world):
+    net, jnet, sr = _synth("v2", True, 5)
+    opts = _opts(protect=0.2, rms_mix_rate=0.5, resample_sr=16000)
+    vc = _ours(world, jnet, "v2", pitch=pitch_mod.harvest, index=None, sid=0, opts=opts)
+    assert vc.out_sr == 16000
+    got = vc(world["long"])
+    want = _rvc_convert(world, net, sr, world["long"], name="harvest-long", version="v2", f0=True,
+                        method="harvest", index=None, sid=0, opts=opts)
+    _compare(got, want, "v2 f0 harvest, no index, resampled to 16k")
+
+
+def test_nono_with_index_v2(world):
+    net, jnet, sr = _synth("v2", False, 7)
+    opts = _opts(index_rate=0.5)
+    vc = _ours(world, jnet, "v2", pitch=world["jrmvpe"], index=world["index"]["v2"], sid=2, opts=opts)
+    got = vc(world["long"])
+    want = _rvc_convert(world, net, sr, world["long"], name="nono-long", version="v2", f0=False,
+                        method="rmvpe", index=world["index"]["v2"], sid=2, opts=opts)
+    _compare(got, want, "v2 nono + index")
+
+
+def test_v1_rmvpe_index(world):
+    net, jnet, sr = _synth("v1", True, 9)
+    opts = _opts(protect=0.4, rms_mix_rate=1.0)
+    vc = _ours(world, jnet, "v1", pitch=world["jrmvpe"], index=world["index"]["v1"], sid=0, opts=opts)
+    got = vc(world["long"])
+    want = _rvc_convert(world, net, sr, world["long"], name="v1-long", version="v1", f0=True,
+                        method="rmvpe", index=world["index"]["v1"], sid=0, opts=opts)
+    _compare(got, want, "v1 f0 rmvpe + index (256-d final_proj of layer 9)")
