@@ -199,7 +199,8 @@ def _search_device(index: IVFFlatIndex, q, k: int):
     window = max(dev["max_list"], 1)
     kk = min(k, nprobe * window)
     per_query = nprobe * window * index.dim * 4 * 3  # candidates, their differences, squares
-    block = max(1, min(1024, _pow2_floor(SEARCH_BLOCK_BYTES // max(per_query, 1)), _pow2_ceil(max(T, 1))))
+    # Short inputs share the 64-query program (fewer compilations; padding is cheap).
+    block = max(1, min(1024, _pow2_floor(SEARCH_BLOCK_BYTES // max(per_query, 1)), _pow2_ceil(max(T, 64))))
     fn = _search_fn(nprobe, window, kk)
     pad = (-T) % block
     qp = jnp.pad(jnp.asarray(q, jnp.float32), ((0, pad), (0, 0)))

@@ -277,3 +277,96 @@ def test_build_index_reduction(monkeypatch):
 def test_build_index_too_small():
     with pytest.raises(ValueError, match="39"):
         R.build_index(np.zeros((20, 4), np.float32))
+
+
+# ----------------------------------------------------------------------------- rvclora index
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _rvclora(*args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "rvclora_jax.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """An RVC experiment folder with 256-d (v1) features in three files."""
+    exp = tmp_path_factory.mktemp("cli") / "myvoice"
+    (exp / "0_gt_wavs").mkdir(parents=True)
+    (exp / "3_feature256").mkdir()
+    x, _ = _mixture(np.random.default_rng(7), 1000, 256, k=16)
+    for i, (a, b) in enumerate([(0, 300), (300, 650), (650, 1000)]):
+        np.save(exp / "3_feature256" / f"0_{i}.npy", x[a:b])
+    return exp, x
+
+
+def test_cli_index(experiment):
+    exp, x = experiment
+    r = _rvclora("index", str(exp), "--no-progress", "--total-fea")
+    assert r.returncode == 0, r.stderr
+    name = f"added_IVF{R.n_ivf(1000)}_Flat_nprobe_1_myvoice_v1.index"
+    out = exp / name
+    assert out.is_file() and str(out) in r.stdout
+    ix = faiss.read_index(str(out))  # what RVC's pipeline does with it
+    assert (ix.d, ix.ntotal, ix.nlist, faiss.extract_index_ivf(ix).nprobe) == (256, 1000, 25, 1)
+    rows = ix.reconstruct_n(0, ix.ntotal)
+    np.testing.assert_array_equal(np.sort(rows, axis=0), np.sort(x, axis=0))
+    np.testing.assert_array_equal(np.load(exp / "total_fea.npy"), rows)
+
+
+def test_cli_index_refuses_existing(experiment, capsys):
+    from rvclora_jax.cli import main
+
+    exp, x = experiment
+    out = exp / f"added_IVF{R.n_ivf(1000)}_Flat_nprobe_1_myvoice_v1.index"
+    if not out.exists():
+        assert main(["index", str(exp), "--no-progress"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    # A second run refuses to replace it (one line, exit 2); --overwrite replaces it.
+    assert main(["index", str(exp), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(out) in err and "--overwrite" in err
+    assert out.read_bytes() == before
+    assert main(["index", str(exp), "--no-progress", "--overwrite", "--seed", "3"]) == 0
+    assert out.read_bytes() != before and faiss.read_index(str(out)).ntotal == 1000
+
+
+def test_cli_index_run_dir_and_errors(experiment, tmp_path, capsys):
+    import json
+
+    from rvclora_jax.cli import main
+
+    exp, x = experiment
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"metadata": {"data": str(exp)}}))
+    assert main(["index", str(run), "--no-progress", "--seed", "1"]) == 0
+    out = run / f"added_IVF25_Flat_nprobe_1_run_v1.index"
+    assert R.read_index(out).ntotal == 1000
+    capsys.readouterr()
+
+    def error(*args):
+        assert main(["index", *args, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rvclora: error:") and "\n" not in err
+        return err
+
+    assert "neither an experiment folder" in error(str(tmp_path / "run" / ".."))
+    assert "not found" in error(str(tmp_path / "nope"))
+    assert "no v2 feature folder" in error(str(exp), "--out", str(tmp_path / "a.index"), "--version", "v2")
+    # The output may not replace a feature file, even with --overwrite.
+    feat = exp / "3_feature256" / "0_0.npy"
+    assert "part of the input" in error(str(exp), "--out", str(feat), "--overwrite")
+    bad = tmp_path / "bad"
+    (bad / "3_feature768").mkdir(parents=True)
+    np.save(bad / "3_feature768" / "a.npy", np.zeros((100, 768), np.float32))
+    (bad / "3_feature768" / "b.npy").write_bytes(b"garbage")
+    err = error(str(bad))
+    assert str(bad / "3_feature768" / "b.npy") in err
+    assert not [f for f in os.listdir(bad) if f.endswith(".index")]
