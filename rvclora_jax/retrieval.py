@@ -31,7 +31,6 @@ FLT_MAX = float(np.finfo(np.float32).max)  # faiss's distance for a missing neig
 # RVC's train_index: above this many rows, k-means to KMEANS_CENTRES centres first.
 KMEANS_THRESHOLD = 200_000
 KMEANS_CENTRES = 10_000
-ADD_BATCH = 8192  # RVC adds in batches of 8192 rows; assignment is per row, so only memory depends on it
 
 # check_features: the median squared distance of a frame to its nearest index vector, over
 # twice the index's total variance (the expected squared distance between two index rows).
@@ -498,36 +497,44 @@ def _assign_fn():
         import jax
         import jax.numpy as jnp
 
-        def run(x, c):
+        def run(x, c, n_valid):
+            # Nearest centre by ||c||^2 - 2 x.c (faiss's BLAS assignment; ties: the lower centre),
+            # and the block's per-centre sums and counts for the k-means update (padding rows
+            # beyond n_valid count for nothing).
             cn = jnp.sum(jnp.square(c), axis=1)
             cd = cn[None, :] - 2.0 * jnp.matmul(x, c.T, precision=jax.lax.Precision.HIGHEST)
-            a = jnp.argmin(cd, axis=1)
-            xn = jnp.sum(jnp.square(x), axis=1)
-            return a.astype(jnp.int32), jnp.maximum(jnp.take_along_axis(cd, a[:, None], 1)[:, 0] + xn, 0.0)
+            a = jnp.argmin(cd, axis=1).astype(jnp.int32)
+            live = jnp.arange(x.shape[0]) < n_valid
+            seg = jnp.where(live, a, c.shape[0])  # padding goes to an extra, dropped segment
+            sums = jax.ops.segment_sum(x, seg, num_segments=c.shape[0] + 1)[:-1]
+            counts = jax.ops.segment_sum(live.astype(jnp.int32), seg, num_segments=c.shape[0] + 1)[:-1]
+            return a, sums, counts
 
         _SEARCH_CACHE["assign"] = jax.jit(run)
     return _SEARCH_CACHE["assign"]
 
 
-def _assign(x: np.ndarray, c, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each row of ``x`` (blocks of a fixed size, the last one padded)."""
+def _assign(x: np.ndarray, c, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(nearest centre of each row of ``x``, per-centre sums [k, d] f64, counts [k]), in
+    blocks of a fixed size (the last one padded, so one program serves every block)."""
     import jax.numpy as jnp
 
     fn = _assign_fn()
     n = x.shape[0]
-    block = min(block, _pow2_ceil(max(n, 1)))
+    block = min(block, _pow2_ceil(max(n, 64)))
     c = jnp.asarray(c, jnp.float32)
-    out_a, out_d = [], []
+    k, d = c.shape
+    out_a, sums, counts = [], np.zeros((k, d), np.float64), np.zeros(k, np.int64)
     for s in range(0, n, block):
         xb = x[s:s + block]
         m = xb.shape[0]
         if m < block:
             xb = np.pad(xb, ((0, block - m), (0, 0)))
-        a, dd = fn(jnp.asarray(xb), c)
+        a, sb, cb = fn(jnp.asarray(xb), c, m)
         out_a.append(np.asarray(a)[:m])
-        out_d.append(np.asarray(dd)[:m])
-    return (np.concatenate(out_a) if out_a else np.zeros(0, np.int32),
-            np.concatenate(out_d) if out_d else np.zeros(0, np.float32))
+        sums += np.asarray(sb, np.float64)
+        counts += np.asarray(cb)
+    return (np.concatenate(out_a) if out_a else np.zeros(0, np.int32)), sums, counts
 
 
 def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_per_centroid: int = 256,
@@ -535,7 +542,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_
     """Lloyd's k-means as faiss's ``Clustering`` trains an IVF quantizer: at most
     ``max_points_per_centroid * k`` rows (a random sample), ``k`` random rows as the start,
     ``niter`` iterations, an empty centre re-seeded by splitting the largest cluster (faiss's
-    small symmetric perturbation). Assignment runs in JAX; the centre update in numpy (f64)."""
+    small symmetric perturbation). Assignment and per-centre sums run in JAX."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
     n = x.shape[0]
@@ -545,18 +552,17 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_
         x = x[np.sort(rng.choice(n, max_points_per_centroid * k, replace=False))]
         n = x.shape[0]
     c = x[rng.choice(n, k, replace=False)].copy()
+    sign = np.where(np.arange(x.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    eps = np.float32(1.0 / 1024.0)
     for it in range(niter):
-        a, _ = _assign(x, c)
-        counts = np.bincount(a, minlength=k).astype(np.float64)
-        sums = np.zeros((k, x.shape[1]), np.float64)
-        np.add.at(sums, a, x)
+        _, sums, counts = _assign(x, c)
+        counts = counts.astype(np.float64)
         nz = counts > 0
         c[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
         for e in np.flatnonzero(~nz):  # split the largest cluster in two
             big = int(np.argmax(counts))
-            eps = np.float32(1.0 / 1024.0)
-            c[e] = c[big] * (1 + eps * np.where(np.arange(x.shape[1]) % 2 == 0, 1, -1))
-            c[big] = c[big] * (1 - eps * np.where(np.arange(x.shape[1]) % 2 == 0, 1, -1))
+            c[e] = c[big] * (1 + eps * sign)
+            c[big] = c[big] * (1 - eps * sign)
             counts[e] = counts[big] / 2
             counts[big] -= counts[e]
         if progress:
@@ -578,10 +584,8 @@ def minibatch_kmeans(x: np.ndarray, k: int, *, seed: int = 0, batch: int | None 
     steps = max(1, int(math.ceil(epochs * n / batch)))
     for s in range(steps):
         xb = x[rng.choice(n, min(batch, n), replace=False)]
-        a, _ = _assign(xb, c.astype(np.float32), block=_pow2_ceil(min(batch, n)))
-        bc = np.bincount(a, minlength=k).astype(np.float64)
-        sums = np.zeros_like(c)
-        np.add.at(sums, a, xb)
+        _, sums, bc = _assign(xb, c.astype(np.float32), block=_pow2_ceil(min(batch, n)))
+        bc = bc.astype(np.float64)
         counts += bc
         nz = bc > 0
         # c <- c + (sum_b - |b| c) / count: the running mean of every row it has been given.
@@ -614,7 +618,7 @@ def build_index(features, *, seed: int = 0, progress: Callable[[str], None] | No
     if progress:
         progress(f"training IVF{nlist},Flat on {x.shape[0]} x {x.shape[1]}")
     centroids = kmeans(x, nlist, seed=seed + 1, progress=progress)
-    assign = np.concatenate([_assign(x[s:s + ADD_BATCH], centroids)[0] for s in range(0, x.shape[0], ADD_BATCH)])
+    assign = _assign(x, centroids)[0]
     return IVFFlatIndex(centroids=centroids, vectors=x, assign=assign, ids=np.arange(x.shape[0], dtype=np.int64),
                         nprobe=1)
 
