@@ -243,17 +243,22 @@ class VoiceConverter:
     without pitch (as RVC ignores its f0 method). ``index``: an
     :class:`~rvclora_jax.retrieval.IVFFlatIndex` for the retrieval blend. ``sid``: speaker
     row. ``batch_size``: chunks per synthesizer call (HuBERT batches by ``content``'s own).
+    ``bucket``: the synthesizer's padded length for a chunk of ``T`` frames at 100 fps
+    (default :func:`~rvclora_jax.frontend.hubert.bucket_frames`: ≤ 12.5 % padding); a
+    coarser rule compiles fewer programs (the result is the same: padding is masked).
     """
 
     def __init__(self, synth, content: ContentFeatures, *, pitch=None, index=None,
                  config: PipelineConfig = PipelineConfig(), sid: int = 0,
-                 noise_scale: float = INFER_NOISE_SCALE, seed: int = 0, batch_size: int = 4):
+                 noise_scale: float = INFER_NOISE_SCALE, seed: int = 0, batch_size: int = 4,
+                 bucket: Callable[[int], int] | None = None):
         config.check()
         self.synth, self.config, self.index = synth, config, index
         self.noise_scale, self.seed = float(noise_scale), int(seed)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        self.bucket = bucket_frames if bucket is None else bucket
         c = synth.config
         self.tgt_sr, self.hop = int(c.sr), int(c.hop_length)
         n_spk = int(c.spk_embed_dim)
@@ -360,7 +365,10 @@ class VoiceConverter:
         out: list = [None] * len(inputs)
         groups: dict[int, list[int]] = {}
         for j, x in enumerate(inputs):
-            groups.setdefault(bucket_frames(x["length"]), []).append(j)
+            tb = int(self.bucket(x["length"]))
+            if tb < x["length"]:
+                raise ValueError(f"bucket({x['length']}) = {tb} frames is shorter than the chunk")
+            groups.setdefault(tb, []).append(j)
         done = total_done
         for tb in sorted(groups):
             idx = groups[tb]
