@@ -149,7 +149,7 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("pipeline")
     torch.manual_seed(0)
     hf_cfg = transformers.HubertConfig(
-        hidden_size=768, num_hidden_layers=10, num_attention_heads=12, intermediate_size=64,
+        hidden_size=768, num_hidden_layers=3, num_attention_heads=12, intermediate_size=64,
         conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16,
         classifier_proj_size=256)
     hf = HubertModelWithFinalProj(hf_cfg).eval()
@@ -337,3 +337,65 @@ def test_v1_nono_with_index(world):
     want = _rvc_convert(world, net, sr, world["long"], name="nono-long", version="v1", f0=False,
                         method="rmvpe", index=world["index"]["v1"], sid=2, opts=opts)
     _compare(got, want, "v1 nono + index")
+
+
+# --------------------------------------------------------------------------- errors (no compile)
+
+
+def test_bad_inputs_are_one_line_errors(world, tmp_path):
+    _, jnet, _ = _synth("v2", True, 5)
+    content = ContentFeatures(world["jhubert"], "v2")
+    with pytest.raises(ValueError, match=r"speaker id 3 is out of range: the model has 3 speakers \(sid 0\.\.2\)"):
+        P.VoiceConverter(jnet, content, pitch=world["jrmvpe"], sid=3)
+    with pytest.raises(retrieval.IndexFileError, match=r"v1.*256-d.*768-d") as e:
+        P.VoiceConverter(jnet, content, pitch=world["jrmvpe"], index=retrieval.read_index(world["index"]["v1"]))
+    assert str(e.value).startswith(world["index"]["v1"]) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"256-d features but the v2 model takes 768-d"):
+        P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], "v1"), pitch=world["jrmvpe"])
+    with pytest.raises(ValueError, match=r"pitch \(f0\) input"):
+        P.VoiceConverter(jnet, content)
+    with pytest.raises(ValueError, match=r"x_pad=0\.0001 s is not a whole number of samples at 16000 Hz"):
+        P.VoiceConverter(jnet, content, pitch=world["jrmvpe"], config=P.PipelineConfig(x_pad=0.0001))
+    vc = P.VoiceConverter(jnet, content, pitch=world["jrmvpe"])
+    with pytest.raises(ValueError, match=r"input 0: 10 samples is too short"):
+        vc(np.zeros(10, np.float32))
+    # files: one line, naming the file
+    bad = tmp_path / "not_audio.wav"
+    bad.write_bytes(b"RIFF0000WAVEjunk" * 4)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(1600, np.float32), 16000)
+    for path, why in ((bad, "not a readable"), (silent, "silent"), (tmp_path / "missing.wav", "")):
+        with pytest.raises((P.AudioError, OSError, ValueError)) as e:
+            P.load_input(str(path))
+        msg = str(e.value)
+        assert str(path) in msg and why in msg and "\n" not in msg, msg
+
+
+def test_load_input_is_vc_singles_peak_limit(tmp_path):
+    loud = tmp_path / "loud.wav"
+    x = np.sin(np.arange(8000) / 9.0).astype(np.float32) * 0.999
+    sf.write(loud, x, 16000, subtype="FLOAT")
+    y = P.load_input(str(loud))
+    assert y.dtype == np.float32 and y.shape == x.shape
+    np.testing.assert_allclose(y, x / (np.abs(x).max() / 0.95), rtol=1e-6)
+    quiet = tmp_path / "quiet.wav"
+    sf.write(quiet, x * 0.5, 16000, subtype="FLOAT")
+    np.testing.assert_array_equal(P.load_input(str(quiet)), (x * 0.5).astype(np.float32))
+
+
+def test_signal_steps_match_librosa_and_torch():
+    """The RMS mix's pieces against librosa.feature.rms and F.interpolate, the resampler
+    against librosa.resample (what RVC calls), the int16 rule on its edge cases."""
+    librosa = pytest.importorskip("librosa")
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal(48000 * 2 + 123).astype(np.float32) * 0.1
+    np.testing.assert_allclose(P.rms_envelope(y, 48000), librosa.feature.rms(y=y, frame_length=48000,
+                                                                             hop_length=24000)[0], rtol=1e-6)
+    v = rng.random(9).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(v)[None, None], size=1001, mode="linear")[0, 0].numpy()
+    np.testing.assert_allclose(P.interp_linear(v, 1001), want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(P.resample(y, 48000, 16000), librosa.resample(y, orig_sr=48000, target_sr=16000))
+    x = np.array([0.5, -0.5, 0.98, -0.1], np.float32)
+    assert P.to_int16(x).tolist() == (x * 32768).astype(np.int16).tolist()   # no scaling below 0.99
+    x2 = np.array([2.0, -1.0, 0.5], np.float32)
+    assert P.to_int16(x2).tolist() == [32440, -16220, 8110]                  # peak -> 0.99·32768, truncated
