@@ -537,12 +537,13 @@ def _assign(x: np.ndarray, c, block: int = 4096) -> tuple[np.ndarray, np.ndarray
     return (np.concatenate(out_a) if out_a else np.zeros(0, np.int32)), sums, counts
 
 
-def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_per_centroid: int = 256,
+def kmeans(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 0, max_points_per_centroid: int = 256,
            progress: Callable[[str], None] | None = None) -> np.ndarray:
     """Lloyd's k-means as faiss's ``Clustering`` trains an IVF quantizer: at most
     ``max_points_per_centroid * k`` rows (a random sample), ``k`` random rows as the start,
-    ``niter`` iterations, an empty centre re-seeded by splitting the largest cluster (faiss's
-    small symmetric perturbation). Assignment and per-centre sums run in JAX."""
+    ``niter`` iterations (faiss's IVF default is 10), an empty centre re-seeded by splitting
+    the largest cluster with faiss's small symmetric perturbation. Assignment and the
+    per-centre sums run in JAX."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
     n = x.shape[0]
