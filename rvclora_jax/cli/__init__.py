@@ -14,10 +14,10 @@ import signal
 import sys
 
 from .. import __version__
-from . import adapters, convert, example, prepare, render, train
+from . import adapters, convert, example, index, prepare, render, train
 
 # Registration order is the order of `rvclora --help`.
-COMMANDS = (adapters, render, example, convert, prepare, train)
+COMMANDS = (adapters, render, example, convert, prepare, train, index)
 
 
 def build_parser() -> argparse.ArgumentParser:
