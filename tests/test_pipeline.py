@@ -399,3 +399,29 @@ def test_signal_steps_match_librosa_and_torch():
     assert P.to_int16(x).tolist() == (x * 32768).astype(np.int16).tolist()   # no scaling below 0.99
     x2 = np.array([2.0, -1.0, 0.5], np.float32)
     assert P.to_int16(x2).tolist() == [32440, -16220, 8110]                  # peak -> 0.99·32768, truncated
+
+
+# --------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow  # compiles the default buckets (several shapes per network)
+def test_default_buckets_and_seeded_noise(world):
+    net, jnet, sr = _synth("v2", True, 5)
+    opts = _opts()
+    index = retrieval.read_index(world["index"]["v2"])
+    cfg = P.PipelineConfig(**X, **opts)
+    vc = P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], "v2"), pitch=world["jrmvpe"], index=index,
+                          config=cfg, sid=1, noise_scale=0.0)
+    want = _rvc_convert(world, net, sr, world["long"], name="default-buckets", version="v2", f0=True,
+                        method="rmvpe", index=world["index"]["v2"], sid=1, opts=opts)
+    _compare(vc(world["long"]), want, "v2 f0 rmvpe+index, default buckets")
+    # noise on: seeded per chunk, so a batch equals the inputs converted one by one
+    noisy = P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], "v2", bucket=HUBERT_BUCKET),
+                             pitch=world["jrmvpe"], index=index, config=cfg, sid=1, seed=3, bucket=SYNTH_BUCKET)
+    both = noisy.batch([world["long"], world["short"]])
+    for got, wav in zip(both, (world["long"], world["short"])):
+        assert np.abs(got.astype(np.int64) - noisy(wav)).max() <= 1
+    assert np.abs(both[0].astype(np.int64) - want).max() > 100  # the noise is on
+    other = P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], "v2", bucket=HUBERT_BUCKET),
+                             pitch=world["jrmvpe"], index=index, config=cfg, sid=1, seed=4, bucket=SYNTH_BUCKET)
+    assert np.abs(other(world["long"]).astype(np.int64) - both[0]).max() > 100
