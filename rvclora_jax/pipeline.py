@@ -213,6 +213,19 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return (x * scale).astype(np.int16)
 
 
+def coarse_like_rvc(f0: np.ndarray) -> np.ndarray:
+    """RVC's coarse pitch (:func:`rvclora_jax.render.coarse_pitch`) with ``get_f0``'s dtypes:
+    the mel curve in the tracker's own dtype (float64 for rmvpe and harvest, float32 for
+    a float32 tracker), the affine map in float64 but stored back into that dtype, then
+    rint. Equal to ``coarse_pitch`` for float64 curves; int32."""
+    mel = 1127 * np.log(1 + f0 / 700)
+    lo, hi = _render._mel(_render.F0_MIN), _render._mel(_render.F0_MAX)
+    q = np.where(mel > 0, (mel - lo) * 254 / (hi - lo) + 1, mel).astype(mel.dtype)
+    q = np.where(q <= 1, 1, q)
+    q = np.where(q > 255, 255, q)
+    return np.rint(q).astype(np.int32)
+
+
 def protect_mask(pitchf: np.ndarray, protect: float) -> np.ndarray:
     """RVC's ``pitchff``: 1 on voiced frames (f0 ≥ 1 Hz), ``protect`` elsewhere (float32)."""
     return np.where(pitchf < 1, np.float32(protect), np.float32(1)).astype(np.float32)
@@ -324,7 +337,7 @@ class VoiceConverter:
             if f0.shape[0] < p_len:  # a tracker with fewer frames: the tail is unvoiced
                 f0 = np.pad(f0, (0, p_len - f0.shape[0]))
             f0 *= pow(2, float(self.config.f0_up_key) / 12)
-            out.append((_render.coarse_pitch(f0)[:p_len], f0[:p_len].astype(np.float32)))
+            out.append((coarse_like_rvc(f0)[:p_len], f0[:p_len].astype(np.float32)))
         return out
 
     def _plan(self, wavs):
@@ -334,6 +347,8 @@ class VoiceConverter:
             w = np.asarray(w)
             if w.ndim != 1:
                 raise ValueError(f"input {i}: expected a mono 16 kHz waveform of shape (N,), got {w.shape}")
+            if not np.issubdtype(w.dtype, np.floating):
+                raise ValueError(f"input {i}: expected float samples in [-1, 1], got {w.dtype} (use load_input)")
             if w.shape[0] <= 18:
                 raise ValueError(f"input {i}: {w.shape[0]} samples is too short (RVC's high-pass filter "
                                  f"needs more than 18)")

@@ -425,3 +425,20 @@ def test_default_buckets_and_seeded_noise(world):
     other = P.VoiceConverter(jnet, ContentFeatures(world["jhubert"], "v2", bucket=HUBERT_BUCKET),
                              pitch=world["jrmvpe"], index=index, config=cfg, sid=1, seed=4, bucket=SYNTH_BUCKET)
     assert np.abs(other(world["long"]).astype(np.int64) - both[0]).max() > 100
+
+
+def test_coarse_pitch_keeps_the_trackers_dtype():
+    """RVC's get_f0 quantises in the tracker's dtype (float32 trackers store the affine map
+    back into float32 before rint); the formula verbatim as the reference."""
+    def rvc(f0):
+        lo, hi = 1127 * np.log(1 + 50 / 700), 1127 * np.log(1 + 1100 / 700)
+        mel = 1127 * np.log(1 + f0 / 700)
+        mel[mel > 0] = (mel[mel > 0] - lo) * 254 / (hi - lo) + 1
+        mel[mel <= 1] = 1
+        mel[mel > 255] = 255
+        return np.rint(mel).astype(np.int32)
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float64, np.float32):
+        f0 = np.concatenate([rng.uniform(0, 1500, 200000), [0, 49, 50, 1100, 2000]]).astype(dtype)
+        assert np.array_equal(P.coarse_like_rvc(f0), rvc(f0.copy())), dtype
