@@ -61,6 +61,16 @@ HIGHPASS_HZ = 48    # RVC's Butterworth cut-off, order 5, at 16 kHz
 INPUT_PEAK = 0.95   # vc_single scales louder inputs down to this peak
 OUTPUT_PEAK = 0.99  # the int16 conversion scales louder outputs down to this peak
 
+# Memory bounds per compiled call, so a long file (RVC's chunks are up to ~52 s) runs one
+# chunk at a time, as RVC does, while short clips still share batches:
+# HuBERT's attention logits cost 4 bytes × heads × rows × T² (T: 50 fps frames), ~400 MB
+# for one 52 s chunk of hubert-base; the synthesizer's decoder keeps a few activations of
+# ~32-256 channels at the output rate, ~1 GB per 2.5 M output samples (52 s at 48 kHz);
+# RMVPE's U-Net keeps ~0.3 GB per minute of audio (T: 100 fps frames).
+HUBERT_FRAMES2_BUDGET = 2600 ** 2   # rows × T² per HuBERT call
+SYNTH_SAMPLES_BUDGET = 2_600_000    # rows × output samples per synthesizer call
+F0_FRAMES_BUDGET = 60_000           # rows × frames per RMVPE / FCPE call (10 minutes)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -321,11 +331,50 @@ class VoiceConverter:
         if isinstance(p, RMVPEPitch):
             # decoded here rather than by RMVPEPitch.decode, which rounds to float32: RVC's
             # coarse pitch is computed from the float64 curve
-            sal = p.batch_salience([x.astype(np.float32) for x in padded], batch_size=self.batch_size)
-            return [cents_to_hz(to_local_average_cents(s, p.threshold)) for s in sal]
+            out = [None] * len(padded)
+            for group in self._f0_groups(n_frames):
+                sal = p.batch_salience([padded[i].astype(np.float32) for i in group], batch_size=len(group))
+                for i, s in zip(group, sal):
+                    out[i] = cents_to_hz(to_local_average_cents(s, p.threshold))
+            return out
         if isinstance(p, FCPEPitch):  # Applio: torchfcpe resized to the padded frame count
-            return p.batch([x.astype(np.float32) for x in padded], target_length=n_frames)
+            out = [None] * len(padded)
+            for group in self._f0_groups(n_frames):
+                f0s = p.batch([padded[i].astype(np.float32) for i in group], target_length=[n_frames[i] for i in group])
+                for i, f in zip(group, f0s):
+                    out[i] = f
+            return out
         return [np.asarray(p(x)) for x in padded]
+
+    def _f0_groups(self, n_frames: list[int]) -> list[list[int]]:
+        """Inputs sorted by length, in groups of at most ``batch_size`` whose padded size
+        (rows × longest) stays within :data:`F0_FRAMES_BUDGET` (one input at least)."""
+        order = sorted(range(len(n_frames)), key=lambda i: n_frames[i])
+        groups: list[list[int]] = []
+        for i in order:
+            g = groups[-1] if groups else None
+            if g is not None and len(g) < self.batch_size and (len(g) + 1) * n_frames[i] <= F0_FRAMES_BUDGET:
+                g.append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _content(self, segs: list[np.ndarray]) -> list[np.ndarray]:
+        """HuBERT features of every chunk; chunks of one bucket share calls of as many rows
+        as :data:`HUBERT_FRAMES2_BUDGET` allows (at most ``content.batch_size``)."""
+        by_bucket: dict[int, list[int]] = {}
+        for j, x in enumerate(segs):
+            by_bucket.setdefault(self.content._bucket(max(self.content.frames(x.size), 1)), []).append(j)
+        out: list = [None] * len(segs)
+        for tb, idx in by_bucket.items():
+            c = self.content
+            rows = max(1, min(c.batch_size, HUBERT_FRAMES2_BUDGET // (tb * tb)))
+            if rows != c.batch_size:
+                c = copy.copy(c)
+                c.batch_size = rows
+            for j, f in zip(idx, c.batch([segs[j] for j in idx])):
+                out[j] = f
+        return out
 
     def _pitch_curves(self, padded):
         out = []
@@ -387,9 +436,10 @@ class VoiceConverter:
         done = total_done
         for tb in sorted(groups):
             idx = groups[tb]
-            for s in range(0, len(idx), self.batch_size):
-                part = idx[s: s + self.batch_size]
-                rows = min(self.batch_size, 1 << (len(part) - 1).bit_length())
+            per_call = max(1, min(self.batch_size, SYNTH_SAMPLES_BUDGET // (tb * self.hop)))
+            for s in range(0, len(idx), per_call):
+                part = idx[s: s + per_call]
+                rows = min(per_call, 1 << (len(part) - 1).bit_length())
                 batch = [inputs[j] for j in part] + [inputs[part[-1]]] * (rows - len(part))  # filler rows
                 kw = {}
                 if self.noise_scale != 0.0:
@@ -425,7 +475,7 @@ class VoiceConverter:
         curves = self._pitch_curves([p[1] for p in plans]) if self.f0 else None
         chunks = [c for p in plans for c in p[2]]
         segs = [plans[c.item][1][c.start: c.stop].astype(np.float32) for c in chunks]
-        feats = self.content.batch(segs)
+        feats = self._content(segs)
         use_index = self.index is not None and cfg.index_rate != 0
         protect = self.f0 and cfg.protect < 0.5
         if use_index:
