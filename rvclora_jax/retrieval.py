@@ -40,7 +40,8 @@ KMEANS_CENTRES = 10_000
 MISMATCH_RATIO = 1.5
 CHECK_FRAMES = 2048  # frames sampled for the statistic
 
-SEARCH_BLOCK_BYTES = 64 << 20  # bound on the gathered candidate vectors of one query block
+SEARCH_BLOCK_BYTES = 64 << 20  # bound on the gathered candidate vectors of one block of the list scan
+CHUNK = 16  # list positions per scanned chunk: small, so little is scanned beyond a list's end
 
 _VERSION_OF_DIM = {256: "v1", 768: "v2"}
 
@@ -116,27 +117,47 @@ class IVFFlatIndex:
 
     def device_arrays(self) -> dict:
         """The index laid out for the JAX search (built once, kept on the default device):
-        centroids and their squared norms, the vectors in list order, each list's offset and
-        size, and the row (id order) of each list position."""
+        centroids and their squared norms, the vectors in list order (the order faiss keeps
+        them in), cut into chunks of CHUNK positions (each list's first chunk and chunk
+        count on the host), and the row (id order) of each list position."""
         if self._device is None:
             import jax.numpy as jnp
 
             order = np.argsort(self.assign, kind="stable")
             sizes = self.list_sizes
-            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            chunk = min(CHUNK, _pow2_ceil(max(int(sizes.max()) if self.ntotal else 1, 1)))
+            nch = -(-sizes // chunk)  # ceil
+            first = np.concatenate([[0], np.cumsum(nch)[:-1]]).astype(np.int64)
+            owner = np.repeat(np.arange(self.nlist), nch)
+            within = np.arange(int(nch.sum())) - first[owner]
+            start = offsets[owner] + within * chunk
+            length = np.minimum(chunk, sizes[owner] - within * chunk)
+            if start.size == 0:  # an empty index: one empty chunk keeps the shapes valid
+                start, length = np.zeros(1, np.int64), np.zeros(1, np.int64)
+            empty = np.zeros((1, self.dim), np.float32)
             self._device = dict(
                 centroids=jnp.asarray(self.centroids),
                 c_norm=jnp.asarray(np.einsum("ij,ij->i", self.centroids.astype(np.float64),
                                              self.centroids.astype(np.float64)).astype(np.float32)),
-                listed=jnp.asarray(self.vectors[order] if self.ntotal else np.zeros((1, self.dim), np.float32)),
+                listed=jnp.asarray(self.vectors[order] if self.ntotal else empty),
                 row_of=jnp.asarray(order.astype(np.int32) if self.ntotal else np.zeros(1, np.int32)),
-                offsets=jnp.asarray(offsets), sizes=jnp.asarray(sizes.astype(np.int32)),
-                vectors=jnp.asarray(self.vectors if self.ntotal else np.zeros((1, self.dim), np.float32)),
-                max_list=int(sizes.max()) if self.ntotal else 0)
+                chunk_start=jnp.asarray(start.astype(np.int32)), chunk_len=jnp.asarray(length.astype(np.int32)),
+                vectors=jnp.asarray(self.vectors if self.ntotal else empty),
+                first_chunk=first, n_chunks=nch.astype(np.int64), chunk=chunk,
+                max_chunks=int(nch.max()) if self.ntotal else 0)
         return self._device
 
 
 # ----------------------------------------------------------------------------- search (JAX)
+#
+# Two jitted steps with the host in between, so the work is what faiss does (each query
+# against the vectors of its probed lists only, not padded to the longest list):
+#   1. the quantizer: each query's nprobe nearest centroids;
+#   2. the list scan over (query, chunk) pairs (CHUNK list positions each; the pairs of all
+#      queries listed on the host, their count bucketed to a power of two): squared L2 by
+#      differences, scattered into each query's candidate slots, then top-k per query.
+# Queries are padded to a power of two (at least 64), so few programs are compiled.
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -146,72 +167,101 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def _search_fn(nprobe: int, window: int, k: int):
-    """The jitted search of one query block, for a given probe count, list window and k
-    (cached: one compiled program per index shape and block size)."""
-    return _SEARCH_CACHE.get((nprobe, window, k)) or _SEARCH_CACHE.setdefault((nprobe, window, k),
-                                                                              _make_search(nprobe, window, k))
-
-
 _SEARCH_CACHE: dict = {}
 
 
-def _make_search(nprobe: int, window: int, k: int):
-    import jax
-    import jax.numpy as jnp
+def _probe_fn(nprobe: int):
+    key = ("probe", nprobe)
+    if key not in _SEARCH_CACHE:
+        import jax
+        import jax.numpy as jnp
 
-    def run(q, centroids, c_norm, listed, row_of, offsets, sizes):
-        # The quantizer: argmin ||q - c||^2 = argmin ||c||^2 - 2 q.c (faiss's BLAS path for
-        # batches; ties go to the lower list number, as faiss's top-1 keeps the first).
-        qc = jnp.matmul(q, centroids.T, precision=jax.lax.Precision.HIGHEST)
-        cd = c_norm[None, :] - 2.0 * qc
-        if nprobe == 1:
-            lists = jnp.argmin(cd, axis=1)[:, None]
-        else:
-            lists = jax.lax.top_k(-cd, nprobe)[1]
-        pos = jnp.arange(window, dtype=jnp.int32)
-        idx = offsets[lists][:, :, None] + pos[None, None, :]  # [B, p, W] list positions
-        valid = pos[None, None, :] < sizes[lists][:, :, None]
-        idx = jnp.where(valid, idx, 0).reshape(q.shape[0], -1)
-        valid = valid.reshape(q.shape[0], -1)
-        cand = listed[idx]  # [B, p*W, d]
-        # The list scan: sum((q - v)^2), as faiss's fvec_L2sqr (not the expanded form).
-        dist = jnp.sum(jnp.square(cand - q[:, None, :]), axis=-1)
-        dist = jnp.where(valid, dist, jnp.inf)
-        neg, at = jax.lax.top_k(-dist, k)
-        found = jnp.take_along_axis(valid, at, axis=1)
-        rows = jnp.where(found, row_of[jnp.take_along_axis(idx, at, axis=1)], -1)
-        return jnp.where(found, -neg, FLT_MAX).astype(jnp.float32), rows
+        def run(q, centroids, c_norm):
+            # argmin ||q - c||^2 = argmin ||c||^2 - 2 q.c (faiss's BLAS path for batches; ties
+            # go to the lower list number, as faiss's top-1 keeps the first).
+            cd = c_norm[None, :] - 2.0 * jnp.matmul(q, centroids.T, precision=jax.lax.Precision.HIGHEST)
+            if nprobe == 1:
+                return jnp.argmin(cd, axis=1)[:, None].astype(jnp.int32)
+            return jax.lax.top_k(-cd, nprobe)[1].astype(jnp.int32)
 
-    return jax.jit(run)
+        _SEARCH_CACHE[key] = jax.jit(run)
+    return _SEARCH_CACHE[key]
+
+
+def _scan_fn(chunk: int, slots: int, k: int, pair_block: int):
+    key = ("scan", chunk, slots, k, pair_block)
+    if key not in _SEARCH_CACHE:
+        import jax
+        import jax.numpy as jnp
+
+        def run(q, pair_q, pair_chunk, pair_slot, listed, chunk_start, chunk_len, row_of):
+            T = q.shape[0]
+            pos = jnp.arange(chunk, dtype=jnp.int32)
+
+            def block(args):
+                pq, pc = args
+                at = chunk_start[pc][:, None] + pos[None, :]  # [Pb, C] list positions
+                ok = (pos[None, :] < chunk_len[pc][:, None]) & (pq < T)[:, None]
+                cand = listed[jnp.where(ok, at, 0)]  # [Pb, C, d]
+                # faiss's fvec_L2sqr: the sum of squared differences (not the expanded form,
+                # which loses precision for near duplicates, where the blend weights peak).
+                dist = jnp.sum(jnp.square(cand - q[jnp.minimum(pq, T - 1)][:, None, :]), axis=-1)
+                return jnp.where(ok, dist, jnp.inf), jnp.where(ok, at, -1)
+
+            nb = pair_q.shape[0] // pair_block
+            dist, at = jax.lax.map(block, (pair_q.reshape(nb, pair_block), pair_chunk.reshape(nb, pair_block)))
+            dist, at = dist.reshape(-1, chunk), at.reshape(-1, chunk)
+            col = pair_slot[:, None] + pos[None, :]
+            d_all = jnp.full((T, slots), jnp.inf, jnp.float32).at[pair_q[:, None], col].set(dist, mode="drop")
+            p_all = jnp.full((T, slots), -1, jnp.int32).at[pair_q[:, None], col].set(at, mode="drop")
+            neg, top = jax.lax.top_k(-d_all, k)
+            p = jnp.take_along_axis(p_all, top, axis=1)
+            found = p >= 0
+            rows = jnp.where(found, row_of[jnp.maximum(p, 0)], -1)
+            return jnp.where(found, -neg, FLT_MAX).astype(jnp.float32), rows
+
+        _SEARCH_CACHE[key] = jax.jit(run)
+    return _SEARCH_CACHE[key]
 
 
 def _search_device(index: IVFFlatIndex, q, k: int):
-    """(distances, rows) as JAX arrays for ``q`` [T, d]: rows index ``index.vectors`` (-1: none).
-    Queries go through in blocks of a power-of-two size so few programs are compiled and the
-    gathered candidates [block, nprobe * window, d] stay under SEARCH_BLOCK_BYTES."""
+    """(distances, rows) as JAX arrays for ``q`` [T, d]: rows index ``index.vectors`` (-1: none)."""
     import jax.numpy as jnp
 
     dev = index.device_arrays()
     T = int(q.shape[0])
     nprobe = min(index.nprobe, index.nlist)
-    window = max(dev["max_list"], 1)
-    kk = min(k, nprobe * window)
-    per_query = nprobe * window * index.dim * 4 * 3  # candidates, their differences, squares
-    # Short inputs share the 64-query program (fewer compilations; padding is cheap).
-    block = max(1, min(1024, _pow2_floor(SEARCH_BLOCK_BYTES // max(per_query, 1)), _pow2_ceil(max(T, 64))))
-    fn = _search_fn(nprobe, window, kk)
-    pad = (-T) % block
-    qp = jnp.pad(jnp.asarray(q, jnp.float32), ((0, pad), (0, 0)))
-    ds, rs = [], []
-    for s in range(0, T + pad, block):
-        d, r = fn(qp[s:s + block], dev["centroids"], dev["c_norm"], dev["listed"], dev["row_of"],
-                  dev["offsets"], dev["sizes"])
-        ds.append(d)
-        rs.append(r)
-    d = jnp.concatenate(ds)[:T] if ds else jnp.zeros((0, kk), jnp.float32)
-    r = jnp.concatenate(rs)[:T] if rs else jnp.zeros((0, kk), jnp.int32)
-    if kk < k:  # fewer candidates than k in the probed lists, whatever the query: faiss pads
+    chunk = dev["chunk"]
+    slots = max(nprobe * dev["max_chunks"] * chunk, 1)
+    kk = min(k, slots)
+    Tp = _pow2_ceil(max(T, 64))
+    qp = jnp.pad(jnp.asarray(q, jnp.float32), ((0, Tp - T), (0, 0)))
+    probe = _probe_fn(nprobe)
+    qb = min(Tp, 1024)
+    lists = np.concatenate([np.asarray(probe(qp[s:s + qb], dev["centroids"], dev["c_norm"]))
+                            for s in range(0, Tp, qb)])[:T]  # [T, nprobe]
+    # The (query, chunk) pairs: query t's probe j scans its list's chunks into the slots
+    # j * max_chunks * chunk + c * chunk + (0..chunk-1).
+    nch = dev["n_chunks"][lists]  # [T, nprobe]
+    flat = nch.reshape(-1)
+    P = int(flat.sum())
+    group = np.repeat(np.arange(flat.size), flat)
+    c_in = np.arange(P) - np.repeat(np.cumsum(flat) - flat, flat)
+    pair_q = (group // nprobe).astype(np.int32)
+    pair_chunk = (dev["first_chunk"][lists.reshape(-1)][group] + c_in).astype(np.int32)
+    pair_slot = ((group % nprobe) * dev["max_chunks"] * chunk + c_in * chunk).astype(np.int32)
+    per_pair = chunk * index.dim * 4 * 3  # candidates, differences, squares
+    pair_block = max(8, min(4096, _pow2_floor(SEARCH_BLOCK_BYTES // per_pair)))
+    Pp = max(_pow2_ceil(max(P, 1)), pair_block)
+    pad = Pp - P
+    pair_q = np.concatenate([pair_q, np.full(pad, Tp, np.int32)])  # padding pairs: dropped
+    pair_chunk = np.concatenate([pair_chunk, np.zeros(pad, np.int32)])
+    pair_slot = np.concatenate([pair_slot, np.zeros(pad, np.int32)])
+    d, r = _scan_fn(chunk, slots, kk, pair_block)(
+        qp, jnp.asarray(pair_q), jnp.asarray(pair_chunk), jnp.asarray(pair_slot), dev["listed"],
+        dev["chunk_start"], dev["chunk_len"], dev["row_of"])
+    d, r = d[:T], r[:T]
+    if kk < k:  # fewer candidate slots than k, whatever the query: faiss pads
         d = jnp.pad(d, ((0, 0), (0, k - kk)), constant_values=FLT_MAX)
         r = jnp.pad(r, ((0, 0), (0, k - kk)), constant_values=-1)
     return d, r
