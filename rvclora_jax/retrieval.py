@@ -105,21 +105,26 @@ class IVFFlatIndex:
         squared L2, ascending; ids [T, k] int64), with (FLT_MAX, -1) in the slots the probed
         lists cannot fill, as faiss does."""
         d, rows = self._search_rows(queries, k)
-        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
-        return d, ids
+        if self.ntotal == 0:
+            return d, np.full(rows.shape, -1, np.int64)
+        return d, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
 
     def _search_rows(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, rows of ``vectors``; -1 where none)."""
         q = np.asarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             _fail(self.path, f"queries of shape {q.shape}, the index holds {self.dim}-d vectors")
-        d, rows = _search_device(self, q, int(k))
-        return np.asarray(d), np.asarray(rows).astype(np.int64)
+        if int(k) < 1:
+            _fail(self.path, f"search for k={k} neighbours")
+        d, pos = _search_device(self, q, int(k))
+        pos = np.asarray(pos).astype(np.int64)
+        return np.asarray(d), np.where(pos >= 0, self.device_arrays()["row_of"][np.maximum(pos, 0)], -1).astype(np.int64)
 
     def device_arrays(self) -> dict:
         """The index laid out for the JAX search (built once, kept on the default device):
         centroids and their squared norms, the vectors in list order (the order faiss keeps
         them in), cut into chunks of CHUNK positions (each list's first chunk and chunk
-        count on the host), and the row (id order) of each list position."""
+        count on the host), and the row (id order) of each list position (host)."""
         if self._device is None:
             import jax.numpy as jnp
 
@@ -141,9 +146,8 @@ class IVFFlatIndex:
                 c_norm=jnp.asarray(np.einsum("ij,ij->i", self.centroids.astype(np.float64),
                                              self.centroids.astype(np.float64)).astype(np.float32)),
                 listed=jnp.asarray(self.vectors[order] if self.ntotal else empty),
-                row_of=jnp.asarray(order.astype(np.int32) if self.ntotal else np.zeros(1, np.int32)),
+                row_of=order.astype(np.int64) if self.ntotal else np.zeros(1, np.int64),
                 chunk_start=jnp.asarray(start.astype(np.int32)), chunk_len=jnp.asarray(length.astype(np.int32)),
-                vectors=jnp.asarray(self.vectors if self.ntotal else empty),
                 first_chunk=first, n_chunks=nch.astype(np.int64), chunk=chunk,
                 max_chunks=int(nch.max()) if self.ntotal else 0)
         return self._device
@@ -194,7 +198,7 @@ def _scan_fn(chunk: int, slots: int, k: int, pair_block: int):
         import jax
         import jax.numpy as jnp
 
-        def run(q, pair_q, pair_chunk, pair_slot, listed, chunk_start, chunk_len, row_of):
+        def run(q, pair_q, pair_chunk, pair_slot, listed, chunk_start, chunk_len):
             T = q.shape[0]
             pos = jnp.arange(chunk, dtype=jnp.int32)
 
@@ -216,16 +220,16 @@ def _scan_fn(chunk: int, slots: int, k: int, pair_block: int):
             p_all = jnp.full((T, slots), -1, jnp.int32).at[pair_q[:, None], col].set(at, mode="drop")
             neg, top = jax.lax.top_k(-d_all, k)
             p = jnp.take_along_axis(p_all, top, axis=1)
-            found = p >= 0
-            rows = jnp.where(found, row_of[jnp.maximum(p, 0)], -1)
-            return jnp.where(found, -neg, FLT_MAX).astype(jnp.float32), rows
+            return jnp.where(p >= 0, -neg, FLT_MAX).astype(jnp.float32), p
 
         _SEARCH_CACHE[key] = jax.jit(run)
     return _SEARCH_CACHE[key]
 
 
-def _search_device(index: IVFFlatIndex, q, k: int):
-    """(distances, rows) as JAX arrays for ``q`` [T, d]: rows index ``index.vectors`` (-1: none)."""
+def _search_device(index: IVFFlatIndex, q, k: int, *, padded: bool = False):
+    """(distances, list positions) as JAX arrays for ``q`` [T, d]: positions index the
+    vectors in list order (``device_arrays()["listed"]``; -1: none). ``padded``: all the
+    padded queries' rows (a power of two, at least 64; the padding rows find nothing)."""
     import jax.numpy as jnp
 
     dev = index.device_arrays()
@@ -259,8 +263,9 @@ def _search_device(index: IVFFlatIndex, q, k: int):
     pair_slot = np.concatenate([pair_slot, np.zeros(pad, np.int32)])
     d, r = _scan_fn(chunk, slots, kk, pair_block)(
         qp, jnp.asarray(pair_q), jnp.asarray(pair_chunk), jnp.asarray(pair_slot), dev["listed"],
-        dev["chunk_start"], dev["chunk_len"], dev["row_of"])
-    d, r = d[:T], r[:T]
+        dev["chunk_start"], dev["chunk_len"])
+    if not padded:
+        d, r = d[:T], r[:T]
     if kk < k:  # fewer candidate slots than k, whatever the query: faiss pads
         d = jnp.pad(d, ((0, 0), (0, k - kk)), constant_values=FLT_MAX)
         r = jnp.pad(r, ((0, 0), (0, k - kk)), constant_values=-1)
@@ -274,8 +279,8 @@ def _blend_fn():
         import jax
         import jax.numpy as jnp
 
-        def run(feats, dist, rows, vectors, rate):
-            valid = rows >= 0
+        def run(feats, dist, pos, listed, rate):
+            valid = pos >= 0
             exact = valid & (dist == 0)
             # RVC: w = (1/D)^2 normalised per frame. Two guards where RVC produces garbage:
             # an exact duplicate (D = 0: inf weights, NaN frame) takes the duplicate(s) alone,
@@ -285,7 +290,7 @@ def _blend_fn():
             w = jnp.where(jnp.any(exact, axis=1, keepdims=True), exact.astype(jnp.float32), w)
             total = jnp.sum(w, axis=1, keepdims=True)
             w = w / jnp.where(total > 0, total, 1.0)
-            retrieved = jnp.sum(vectors[jnp.maximum(rows, 0)] * w[:, :, None], axis=1)
+            retrieved = jnp.sum(listed[jnp.maximum(pos, 0)] * w[:, :, None], axis=1)
             retrieved = jnp.where(total > 0, retrieved, feats)
             return (rate * retrieved + (1.0 - rate) * feats).astype(jnp.float32)
 
@@ -305,9 +310,10 @@ def blend(feats, index: IVFFlatIndex, rate: float) -> np.ndarray:
         return f.copy()
     import jax.numpy as jnp
 
-    d, rows = _search_device(index, f, 8)
-    out = _blend_fn()(jnp.asarray(f), d, rows, index.device_arrays()["vectors"], jnp.float32(rate))
-    return np.asarray(out)
+    d, pos = _search_device(index, f, 8, padded=True)  # padded rows: one program per size bucket
+    fp = jnp.pad(jnp.asarray(f), ((0, d.shape[0] - f.shape[0]), (0, 0)))
+    out = _blend_fn()(fp, d, pos, index.device_arrays()["listed"], jnp.float32(rate))
+    return np.asarray(out)[:f.shape[0]]
 
 
 # ----------------------------------------------------------------------------- compatibility

@@ -13,6 +13,10 @@ faiss = pytest.importorskip("faiss")
 
 from rvclora_jax import retrieval as R  # noqa: E402
 
+# One faiss thread: its OpenMP workers spin-wait, which on a shared 2-core machine costs
+# more than the tiny indexes here gain.
+faiss.omp_set_num_threads(1)
+
 
 def _rvc_index(x, nlist, *, batches=1000, nprobe=1, train=None, metric=None):
     """RVC's train_index, with faiss: factory, nprobe on the IVF, train, add in batches."""
@@ -82,7 +86,7 @@ def test_search_one_query_and_k(files):
     path, ix, x, centres = files["small"]
     ours = R.read_index(path)
     q = x[5:6] + 0.01
-    for k in (1, 3, 20):
+    for k in (1, 20):
         D, I = ix.search(q, k)
         d, i = ours.search(q, k)
         np.testing.assert_array_equal(i, I)
