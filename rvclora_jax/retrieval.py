@@ -598,7 +598,7 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 0, max_points_
     """Lloyd's k-means as faiss's ``Clustering`` trains an IVF quantizer: at most
     ``max_points_per_centroid * k`` rows (a random sample), ``k`` random rows as the start,
     ``niter`` iterations (faiss's IVF default is 10), an empty centre re-seeded by splitting
-    the largest cluster with faiss's small symmetric perturbation. Assignment and the
+    a cluster drawn by size, with faiss's small symmetric perturbation. Assignment and the
     per-centre sums run in JAX."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
@@ -616,8 +616,12 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 0, max_points_
         counts = counts.astype(np.float64)
         nz = counts > 0
         c[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
-        for e in np.flatnonzero(~nz):  # split the largest cluster in two
-            big = int(np.argmax(counts))
+        for e in np.flatnonzero(~nz):
+            # faiss's split_clusters: a cluster drawn with probability ~ (size - 1) gives half
+            # of itself to the empty centre. (Always splitting the largest cluster reaches the
+            # same inertia but a lower recall: measured 0.56 vs faiss's 0.59-0.61 at d=768.)
+            w = np.maximum(counts - 1, 0)
+            big = int(rng.choice(k, p=w / w.sum())) if w.sum() > 0 else int(np.argmax(counts))
             c[e] = c[big] * (1 + eps * sign)
             c[big] = c[big] * (1 - eps * sign)
             counts[e] = counts[big] / 2
@@ -639,8 +643,12 @@ def minibatch_kmeans(x: np.ndarray, k: int, *, seed: int = 0, batch: int | None 
     c = x[rng.choice(n, k, replace=False)].astype(np.float64)
     counts = np.zeros(k, np.float64)
     steps = max(1, int(math.ceil(epochs * n / batch)))
+    per_epoch = max(1, n // batch)  # batches drawn without replacement, a new order each epoch
     for s in range(steps):
-        xb = x[rng.choice(n, min(batch, n), replace=False)]
+        if s % per_epoch == 0:
+            order = rng.permutation(n)
+        at = (s % per_epoch) * batch
+        xb = x[np.sort(order[at:at + batch])]
         _, sums, bc = _assign(xb, c.astype(np.float32), block=_pow2_ceil(min(batch, n)))
         bc = bc.astype(np.float64)
         counts += bc
