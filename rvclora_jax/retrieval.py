@@ -480,8 +480,10 @@ def read_index(path: str) -> IVFFlatIndex:
         sizes[raw[0::2].astype(np.int64)] = raw[1::2]
     else:
         _fail(path, f"list sizes of type {kind!r}: damaged")
-    if int(sizes.sum()) != ntotal:
+    if (sizes < 0).any() or int(sizes.sum()) != ntotal:
         _fail(path, f"the lists hold {int(sizes.sum())} vectors, the header says {ntotal}: damaged")
+    if ntotal * (4 * d + 8) > len(data) - r.pos:  # before allocating what a damaged header claims
+        _fail(path, f"the file ends before its {ntotal} vectors (truncated or damaged)")
     vectors = np.empty((ntotal, d), np.float32)
     ids = np.empty(ntotal, np.int64)
     assign = np.empty(ntotal, np.int32)

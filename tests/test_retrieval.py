@@ -121,6 +121,18 @@ def test_bad_files(files, tmp_path):
     p.write_bytes(bytes(bad))
     with pytest.raises(R.IndexFileError):
         R.read_index(p)
+    # Any single damaged byte of the headers (index, quantizer, lists, sizes) is either
+    # harmless (a centroid value, a dummy field) or a one-line IndexFileError, never a crash.
+    sizes_end = data.index(b"full") + 12 + 8 * 40
+    for at in list(range(0, 120)) + list(range(data.index(b"ilar"), sizes_end)):
+        bad = bytearray(data)
+        bad[at] ^= 0xFF
+        p = tmp_path / "flip.index"
+        p.write_bytes(bytes(bad))
+        try:
+            R.read_index(p)
+        except R.IndexFileError as e:
+            assert str(e).startswith(str(p)) and "\n" not in str(e)
     # Other faiss types.
     x = files["small"][2]
     flat = faiss.IndexFlatL2(16)

@@ -102,7 +102,7 @@ def _cmd_index(args) -> int:
 
     t0 = time.time()
     folder = os.path.normpath(args.folder)
-    feature_dir, exp = find_features(folder, args.version)
+    feature_dir, _exp = find_features(folder, args.version)
     name = args.name or os.path.basename(os.path.abspath(folder))
     paths, frames, width = scan_features(feature_dir)
     version = {256: "v1", 768: "v2"}[width]
