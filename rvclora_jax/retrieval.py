@@ -42,6 +42,7 @@ CHECK_FRAMES = 2048  # frames sampled for the statistic
 
 SEARCH_BLOCK_BYTES = 64 << 20  # bound on the gathered candidate vectors of one block of the list scan
 CHUNK = 16  # list positions per scanned chunk: small, so little is scanned beyond a list's end
+SCAN_MODE = None  # the list scan: "loop" (CPU default) or "gather" (accelerator default)
 
 _VERSION_OF_DIM = {256: "v1", 768: "v2"}
 
@@ -140,12 +141,12 @@ class IVFFlatIndex:
             length = np.minimum(chunk, sizes[owner] - within * chunk)
             if start.size == 0:  # an empty index: one empty chunk keeps the shapes valid
                 start, length = np.zeros(1, np.int64), np.zeros(1, np.int64)
-            empty = np.zeros((1, self.dim), np.float32)
             self._device = dict(
                 centroids=jnp.asarray(self.centroids),
                 c_norm=jnp.asarray(np.einsum("ij,ij->i", self.centroids.astype(np.float64),
                                              self.centroids.astype(np.float64)).astype(np.float32)),
-                listed=jnp.asarray(self.vectors[order] if self.ntotal else empty),
+                # CHUNK zero rows after the last list: a chunk read whole never runs off the end.
+                listed=jnp.asarray(np.concatenate([self.vectors[order], np.zeros((chunk, self.dim), np.float32)])),
                 row_of=order.astype(np.int64) if self.ntotal else np.zeros(1, np.int64),
                 chunk_start=jnp.asarray(start.astype(np.int32)), chunk_len=jnp.asarray(length.astype(np.int32)),
                 first_chunk=first, n_chunks=nch.astype(np.int64), chunk=chunk,
@@ -192,8 +193,8 @@ def _probe_fn(nprobe: int):
     return _SEARCH_CACHE[key]
 
 
-def _scan_fn(chunk: int, slots: int, k: int, pair_block: int):
-    key = ("scan", chunk, slots, k, pair_block)
+def _scan_fn(chunk: int, slots: int, k: int, pair_block: int, sequential: bool):
+    key = ("scan", chunk, slots, k, pair_block, sequential)
     if key not in _SEARCH_CACHE:
         import jax
         import jax.numpy as jnp
@@ -212,9 +213,21 @@ def _scan_fn(chunk: int, slots: int, k: int, pair_block: int):
                 dist = jnp.sum(jnp.square(cand - q[jnp.minimum(pq, T - 1)][:, None, :]), axis=-1)
                 return jnp.where(ok, dist, jnp.inf), jnp.where(ok, at, -1)
 
-            nb = pair_q.shape[0] // pair_block
-            dist, at = jax.lax.map(block, (pair_q.reshape(nb, pair_block), pair_chunk.reshape(nb, pair_block)))
-            dist, at = dist.reshape(-1, chunk), at.reshape(-1, chunk)
+            def one(args):  # one pair: its chunk as a slice of the list-ordered vectors
+                pq, pc = args
+                start = chunk_start[pc]
+                v = jax.lax.dynamic_slice(listed, (start, 0), (chunk, listed.shape[1]))
+                qq = jax.lax.dynamic_index_in_dim(q, jnp.minimum(pq, T - 1), keepdims=False)
+                ok = (pos < chunk_len[pc]) & (pq < T)
+                dist = jnp.sum(jnp.square(v - qq[None, :]), axis=-1)
+                return jnp.where(ok, dist, jnp.inf), jnp.where(ok, start + pos, -1)
+
+            if sequential:  # CPU: a loop of contiguous slices is ~5x faster than XLA's gather
+                dist, at = jax.lax.map(one, (pair_q, pair_chunk))
+            else:  # accelerators: blocks of gathered chunks
+                nb = pair_q.shape[0] // pair_block
+                dist, at = jax.lax.map(block, (pair_q.reshape(nb, pair_block), pair_chunk.reshape(nb, pair_block)))
+                dist, at = dist.reshape(-1, chunk), at.reshape(-1, chunk)
             col = pair_slot[:, None] + pos[None, :]
             d_all = jnp.full((T, slots), jnp.inf, jnp.float32).at[pair_q[:, None], col].set(dist, mode="drop")
             p_all = jnp.full((T, slots), -1, jnp.int32).at[pair_q[:, None], col].set(at, mode="drop")
@@ -261,7 +274,10 @@ def _search_device(index: IVFFlatIndex, q, k: int, *, padded: bool = False):
     pair_q = np.concatenate([pair_q, np.full(pad, Tp, np.int32)])  # padding pairs: dropped
     pair_chunk = np.concatenate([pair_chunk, np.zeros(pad, np.int32)])
     pair_slot = np.concatenate([pair_slot, np.zeros(pad, np.int32)])
-    d, r = _scan_fn(chunk, slots, kk, pair_block)(
+    import jax
+
+    sequential = SCAN_MODE == "loop" or (SCAN_MODE is None and jax.default_backend() == "cpu")
+    d, r = _scan_fn(chunk, slots, kk, pair_block, sequential)(
         qp, jnp.asarray(pair_q), jnp.asarray(pair_chunk), jnp.asarray(pair_slot), dev["listed"],
         dev["chunk_start"], dev["chunk_len"])
     if not padded:

@@ -82,6 +82,19 @@ def test_read_and_search_match_faiss(files, name):
     assert (b"sprs" in data) == (name == "sparse") and (b"full" in data) == (name != "sparse")
 
 
+@pytest.mark.parametrize("mode", ["loop", "gather"])
+def test_scan_modes(files, mode, monkeypatch):
+    """Both list scans (the CPU's loop of slices, the accelerators' gather) return faiss's result."""
+    monkeypatch.setattr(R, "SCAN_MODE", mode)
+    for name in ("small", "nprobe3"):
+        path, ix, x, centres = files[name]
+        q = _queries(np.random.default_rng(8), x, centres, 100)
+        D, I = ix.search(q, 8)
+        d, i = R.read_index(path).search(q, 8)
+        np.testing.assert_array_equal(i, I)
+        np.testing.assert_allclose(d, D, rtol=2e-6, atol=1e-6)
+
+
 def test_search_one_query_and_k(files):
     path, ix, x, centres = files["small"]
     ours = R.read_index(path)
