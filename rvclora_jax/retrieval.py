@@ -119,13 +119,15 @@ class IVFFlatIndex:
             _fail(self.path, f"search for k={k} neighbours")
         d, pos = _search_device(self, q, int(k))
         pos = np.asarray(pos).astype(np.int64)
-        return np.asarray(d), np.where(pos >= 0, self.device_arrays()["row_of"][np.maximum(pos, 0)], -1).astype(np.int64)
+        rows = self.device_arrays()["row_of"][np.maximum(pos, 0)]
+        return np.asarray(d), np.where(pos >= 0, rows, -1).astype(np.int64)
 
     def device_arrays(self) -> dict:
         """The index laid out for the JAX search (built once, kept on the default device):
         centroids and their squared norms, the vectors in list order (the order faiss keeps
         them in), cut into chunks of CHUNK positions (each list's first chunk and chunk
-        count on the host), and the row (id order) of each list position (host)."""
+        count on the host), and the row (id order) of each list position (host). Made on the
+        first search and kept: the index's arrays are not to be changed after that."""
         if self._device is None:
             import jax.numpy as jnp
 
