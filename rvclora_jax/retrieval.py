@@ -474,8 +474,9 @@ def read_index(path: str) -> IVFFlatIndex:
     centroids = centroids.reshape(nlist, d)
     (dm_type,) = r.fmt("b", "the direct map type")
     r.vector(np.int64, "the direct map")
-    if dm_type == 2:  # a hashtable direct map: its (id, offset) pairs follow; not needed to search
-        r.vector(np.int64, "the direct map hashtable")
+    if dm_type == 2:  # a hashtable direct map: its (id, list offset) pairs follow; not needed to search
+        (pairs,) = r.fmt("Q", "the direct map hashtable size")
+        r.array(np.int64, 2 * pairs if pairs <= len(data) else -1, "the direct map hashtable")
     elif dm_type not in (0, 1):
         _fail(path, f"direct map type {dm_type}: damaged")
     lh = r.fourcc("the inverted lists type")

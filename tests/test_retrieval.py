@@ -95,6 +95,34 @@ def test_scan_modes(files, mode, monkeypatch):
         np.testing.assert_allclose(d, D, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("direct_map", ["array", "hashtable", "own ids"])
+def test_direct_maps(tmp_path, direct_map):
+    """Files of indexes with a direct map (make_direct_map / a hashtable), or added with
+    their own ids (add_with_ids), read and search the same."""
+    x = _mixture(np.random.default_rng(9), 500, 8, k=10)[0]
+    if direct_map == "own ids":
+        ix = faiss.index_factory(8, "IVF8,Flat")
+        ix.train(x)
+        ix.add_with_ids(x, (np.arange(500) * 3 + 7)[::-1].copy())
+        faiss.write_index(ix, str(tmp_path / "dm.index"))
+        ours = R.read_index(tmp_path / "dm.index")
+        D, I = ix.search(x[:50], 8)
+        d, i = ours.search(x[:50], 8)
+        np.testing.assert_array_equal(i, I)
+        np.testing.assert_array_equal(ours.ids, np.arange(500) * 3 + 7)
+        np.testing.assert_array_equal(ours.vectors, x[::-1])  # ordered by id
+        return
+    ix = _rvc_index(x, 8, batches=200)
+    if direct_map == "array":
+        ix.make_direct_map()
+    else:
+        ix.set_direct_map_type(faiss.DirectMap.Hashtable)
+    faiss.write_index(ix, str(tmp_path / "dm.index"))
+    ours = R.read_index(tmp_path / "dm.index")
+    np.testing.assert_array_equal(ours.vectors, ix.reconstruct_n(0, ix.ntotal))
+    np.testing.assert_array_equal(ours.search(x[:50], 8)[1], ix.search(x[:50], 8)[1])
+
+
 def test_search_one_query_and_k(files):
     path, ix, x, centres = files["small"]
     ours = R.read_index(path)
