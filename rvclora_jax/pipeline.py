@@ -61,6 +61,16 @@ HIGHPASS_HZ = 48    # RVC's Butterworth cut-off, order 5, at 16 kHz
 INPUT_PEAK = 0.95   # vc_single scales louder inputs down to this peak
 OUTPUT_PEAK = 0.99  # the int16 conversion scales louder outputs down to this peak
 
+# Memory bounds per compiled call, so a long file (RVC's chunks are up to ~52 s) runs one
+# chunk at a time, as RVC does, while short clips still share batches:
+# HuBERT's attention logits cost 4 bytes × heads × rows × T² (T: 50 fps frames), ~400 MB
+# for one 52 s chunk of hubert-base; the synthesizer's decoder keeps a few activations of
+# ~32-256 channels at the output rate, ~1 GB per 2.5 M output samples (52 s at 48 kHz);
+# RMVPE's U-Net keeps ~0.3 GB per minute of audio (T: 100 fps frames).
+HUBERT_FRAMES2_BUDGET = 2600 ** 2   # rows × T² per HuBERT call
+SYNTH_SAMPLES_BUDGET = 2_600_000    # rows × output samples per synthesizer call
+F0_FRAMES_BUDGET = 60_000           # rows × frames per RMVPE / FCPE call (10 minutes)
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -213,6 +223,19 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return (x * scale).astype(np.int16)
 
 
+def coarse_like_rvc(f0: np.ndarray) -> np.ndarray:
+    """RVC's coarse pitch (:func:`rvclora_jax.render.coarse_pitch`) with ``get_f0``'s dtypes:
+    the mel curve in the tracker's own dtype (float64 for rmvpe and harvest, float32 for
+    a float32 tracker), the affine map in float64 but stored back into that dtype, then
+    rint. Equal to ``coarse_pitch`` for float64 curves; int32."""
+    mel = 1127 * np.log(1 + f0 / 700)
+    lo, hi = _render._mel(_render.F0_MIN), _render._mel(_render.F0_MAX)
+    q = np.where(mel > 0, (mel - lo) * 254 / (hi - lo) + 1, mel).astype(mel.dtype)
+    q = np.where(q <= 1, 1, q)
+    q = np.where(q > 255, 255, q)
+    return np.rint(q).astype(np.int32)
+
+
 def protect_mask(pitchf: np.ndarray, protect: float) -> np.ndarray:
     """RVC's ``pitchff``: 1 on voiced frames (f0 ≥ 1 Hz), ``protect`` elsewhere (float32)."""
     return np.where(pitchf < 1, np.float32(protect), np.float32(1)).astype(np.float32)
@@ -243,17 +266,22 @@ class VoiceConverter:
     without pitch (as RVC ignores its f0 method). ``index``: an
     :class:`~rvclora_jax.retrieval.IVFFlatIndex` for the retrieval blend. ``sid``: speaker
     row. ``batch_size``: chunks per synthesizer call (HuBERT batches by ``content``'s own).
+    ``bucket``: the synthesizer's padded length for a chunk of ``T`` frames at 100 fps
+    (default :func:`~rvclora_jax.frontend.hubert.bucket_frames`: ≤ 12.5 % padding); a
+    coarser rule compiles fewer programs (the result is the same: padding is masked).
     """
 
     def __init__(self, synth, content: ContentFeatures, *, pitch=None, index=None,
                  config: PipelineConfig = PipelineConfig(), sid: int = 0,
-                 noise_scale: float = INFER_NOISE_SCALE, seed: int = 0, batch_size: int = 4):
+                 noise_scale: float = INFER_NOISE_SCALE, seed: int = 0, batch_size: int = 4,
+                 bucket: Callable[[int], int] | None = None):
         config.check()
         self.synth, self.config, self.index = synth, config, index
         self.noise_scale, self.seed = float(noise_scale), int(seed)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        self.bucket = bucket_frames if bucket is None else bucket
         c = synth.config
         self.tgt_sr, self.hop = int(c.sr), int(c.hop_length)
         n_spk = int(c.spk_embed_dim)
@@ -303,11 +331,50 @@ class VoiceConverter:
         if isinstance(p, RMVPEPitch):
             # decoded here rather than by RMVPEPitch.decode, which rounds to float32: RVC's
             # coarse pitch is computed from the float64 curve
-            sal = p.batch_salience([x.astype(np.float32) for x in padded], batch_size=self.batch_size)
-            return [cents_to_hz(to_local_average_cents(s, p.threshold)) for s in sal]
+            out = [None] * len(padded)
+            for group in self._f0_groups(n_frames):
+                sal = p.batch_salience([padded[i].astype(np.float32) for i in group], batch_size=len(group))
+                for i, s in zip(group, sal):
+                    out[i] = cents_to_hz(to_local_average_cents(s, p.threshold))
+            return out
         if isinstance(p, FCPEPitch):  # Applio: torchfcpe resized to the padded frame count
-            return p.batch([x.astype(np.float32) for x in padded], target_length=n_frames)
+            out = [None] * len(padded)
+            for group in self._f0_groups(n_frames):
+                f0s = p.batch([padded[i].astype(np.float32) for i in group], target_length=[n_frames[i] for i in group])
+                for i, f in zip(group, f0s):
+                    out[i] = f
+            return out
         return [np.asarray(p(x)) for x in padded]
+
+    def _f0_groups(self, n_frames: list[int]) -> list[list[int]]:
+        """Inputs sorted by length, in groups of at most ``batch_size`` whose padded size
+        (rows × longest) stays within :data:`F0_FRAMES_BUDGET` (one input at least)."""
+        order = sorted(range(len(n_frames)), key=lambda i: n_frames[i])
+        groups: list[list[int]] = []
+        for i in order:
+            g = groups[-1] if groups else None
+            if g is not None and len(g) < self.batch_size and (len(g) + 1) * n_frames[i] <= F0_FRAMES_BUDGET:
+                g.append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def _content(self, segs: list[np.ndarray]) -> list[np.ndarray]:
+        """HuBERT features of every chunk; chunks of one bucket share calls of as many rows
+        as :data:`HUBERT_FRAMES2_BUDGET` allows (at most ``content.batch_size``)."""
+        by_bucket: dict[int, list[int]] = {}
+        for j, x in enumerate(segs):
+            by_bucket.setdefault(self.content._bucket(max(self.content.frames(x.size), 1)), []).append(j)
+        out: list = [None] * len(segs)
+        for tb, idx in by_bucket.items():
+            c = self.content
+            rows = max(1, min(c.batch_size, HUBERT_FRAMES2_BUDGET // (tb * tb)))
+            if rows != c.batch_size:
+                c = copy.copy(c)
+                c.batch_size = rows
+            for j, f in zip(idx, c.batch([segs[j] for j in idx])):
+                out[j] = f
+        return out
 
     def _pitch_curves(self, padded):
         out = []
@@ -319,7 +386,7 @@ class VoiceConverter:
             if f0.shape[0] < p_len:  # a tracker with fewer frames: the tail is unvoiced
                 f0 = np.pad(f0, (0, p_len - f0.shape[0]))
             f0 *= pow(2, float(self.config.f0_up_key) / 12)
-            out.append((_render.coarse_pitch(f0)[:p_len], f0[:p_len].astype(np.float32)))
+            out.append((coarse_like_rvc(f0)[:p_len], f0[:p_len].astype(np.float32)))
         return out
 
     def _plan(self, wavs):
@@ -329,6 +396,8 @@ class VoiceConverter:
             w = np.asarray(w)
             if w.ndim != 1:
                 raise ValueError(f"input {i}: expected a mono 16 kHz waveform of shape (N,), got {w.shape}")
+            if not np.issubdtype(w.dtype, np.floating):
+                raise ValueError(f"input {i}: expected float samples in [-1, 1], got {w.dtype} (use load_input)")
             if w.shape[0] <= 18:
                 raise ValueError(f"input {i}: {w.shape[0]} samples is too short (RVC's high-pass filter "
                                  f"needs more than 18)")
@@ -360,13 +429,17 @@ class VoiceConverter:
         out: list = [None] * len(inputs)
         groups: dict[int, list[int]] = {}
         for j, x in enumerate(inputs):
-            groups.setdefault(bucket_frames(x["length"]), []).append(j)
+            tb = int(self.bucket(x["length"]))
+            if tb < x["length"]:
+                raise ValueError(f"bucket({x['length']}) = {tb} frames is shorter than the chunk")
+            groups.setdefault(tb, []).append(j)
         done = total_done
         for tb in sorted(groups):
             idx = groups[tb]
-            for s in range(0, len(idx), self.batch_size):
-                part = idx[s: s + self.batch_size]
-                rows = min(self.batch_size, 1 << (len(part) - 1).bit_length())
+            per_call = max(1, min(self.batch_size, SYNTH_SAMPLES_BUDGET // (tb * self.hop)))
+            for s in range(0, len(idx), per_call):
+                part = idx[s: s + per_call]
+                rows = min(per_call, 1 << (len(part) - 1).bit_length())
                 batch = [inputs[j] for j in part] + [inputs[part[-1]]] * (rows - len(part))  # filler rows
                 kw = {}
                 if self.noise_scale != 0.0:
@@ -402,7 +475,7 @@ class VoiceConverter:
         curves = self._pitch_curves([p[1] for p in plans]) if self.f0 else None
         chunks = [c for p in plans for c in p[2]]
         segs = [plans[c.item][1][c.start: c.stop].astype(np.float32) for c in chunks]
-        feats = self.content.batch(segs)
+        feats = self._content(segs)
         use_index = self.index is not None and cfg.index_rate != 0
         protect = self.f0 and cfg.protect < 0.5
         if use_index:

@@ -36,11 +36,16 @@ KMEANS_CENTRES = 10_000
 # twice the index's total variance (the expected squared distance between two index rows).
 # Frames from the embedder that built the index lie near some training frame (well below 1);
 # frames from another embedder lie, on the median, farther from every index row than two
-# index rows lie from each other. 1.5 leaves room for unusual inputs (noise, music).
+# index rows lie from each other. 1.5 leaves room for unusual inputs (noise, music). On the
+# tests' 768-d mixture data: new frames of the index's distribution 0.08, all-zero frames
+# 0.46, frames of another mean and scale 6.4; frames of the same mean and variance but no
+# shared structure give 0.91 and pass (a statistic cannot see every mismatch; the width can).
 MISMATCH_RATIO = 1.5
 CHECK_FRAMES = 2048  # frames sampled for the statistic
 
-SEARCH_BLOCK_BYTES = 64 << 20  # bound on the gathered candidate vectors of one query block
+SEARCH_BLOCK_BYTES = 64 << 20  # bound on the gathered candidate vectors of one block of the list scan
+CHUNK = 16  # list positions per scanned chunk: small, so little is scanned beyond a list's end
+SCAN_MODE = None  # the list scan: "loop" (CPU default) or "gather" (accelerator default)
 
 _VERSION_OF_DIM = {256: "v1", 768: "v2"}
 
@@ -104,39 +109,65 @@ class IVFFlatIndex:
         squared L2, ascending; ids [T, k] int64), with (FLT_MAX, -1) in the slots the probed
         lists cannot fill, as faiss does."""
         d, rows = self._search_rows(queries, k)
-        ids = np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
-        return d, ids
+        if self.ntotal == 0:
+            return d, np.full(rows.shape, -1, np.int64)
+        return d, np.where(rows >= 0, self.ids[np.maximum(rows, 0)], -1)
 
     def _search_rows(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, rows of ``vectors``; -1 where none)."""
         q = np.asarray(queries, np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             _fail(self.path, f"queries of shape {q.shape}, the index holds {self.dim}-d vectors")
-        d, rows = _search_device(self, q, int(k))
-        return np.asarray(d), np.asarray(rows).astype(np.int64)
+        if int(k) < 1:
+            _fail(self.path, f"search for k={k} neighbours")
+        d, pos = _search_device(self, q, int(k))
+        pos = np.asarray(pos).astype(np.int64)
+        rows = self.device_arrays()["row_of"][np.maximum(pos, 0)]
+        return np.asarray(d), np.where(pos >= 0, rows, -1).astype(np.int64)
 
     def device_arrays(self) -> dict:
         """The index laid out for the JAX search (built once, kept on the default device):
-        centroids and their squared norms, the vectors in list order, each list's offset and
-        size, and the row (id order) of each list position."""
+        centroids and their squared norms, the vectors in list order (the order faiss keeps
+        them in), cut into chunks of CHUNK positions (each list's first chunk and chunk
+        count on the host), and the row (id order) of each list position (host). Made on the
+        first search and kept: the index's arrays are not to be changed after that."""
         if self._device is None:
             import jax.numpy as jnp
 
             order = np.argsort(self.assign, kind="stable")
             sizes = self.list_sizes
-            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            chunk = min(CHUNK, _pow2_ceil(max(int(sizes.max()) if self.ntotal else 1, 1)))
+            nch = -(-sizes // chunk)  # ceil
+            first = np.concatenate([[0], np.cumsum(nch)[:-1]]).astype(np.int64)
+            owner = np.repeat(np.arange(self.nlist), nch)
+            within = np.arange(int(nch.sum())) - first[owner]
+            start = offsets[owner] + within * chunk
+            length = np.minimum(chunk, sizes[owner] - within * chunk)
+            if start.size == 0:  # an empty index: one empty chunk keeps the shapes valid
+                start, length = np.zeros(1, np.int64), np.zeros(1, np.int64)
             self._device = dict(
                 centroids=jnp.asarray(self.centroids),
                 c_norm=jnp.asarray(np.einsum("ij,ij->i", self.centroids.astype(np.float64),
                                              self.centroids.astype(np.float64)).astype(np.float32)),
-                listed=jnp.asarray(self.vectors[order] if self.ntotal else np.zeros((1, self.dim), np.float32)),
-                row_of=jnp.asarray(order.astype(np.int32) if self.ntotal else np.zeros(1, np.int32)),
-                offsets=jnp.asarray(offsets), sizes=jnp.asarray(sizes.astype(np.int32)),
-                vectors=jnp.asarray(self.vectors if self.ntotal else np.zeros((1, self.dim), np.float32)),
-                max_list=int(sizes.max()) if self.ntotal else 0)
+                # CHUNK zero rows after the last list: a chunk read whole never runs off the end.
+                listed=jnp.asarray(np.concatenate([self.vectors[order], np.zeros((chunk, self.dim), np.float32)])),
+                row_of=order.astype(np.int64) if self.ntotal else np.zeros(1, np.int64),
+                chunk_start=jnp.asarray(start.astype(np.int32)), chunk_len=jnp.asarray(length.astype(np.int32)),
+                first_chunk=first, n_chunks=nch.astype(np.int64), chunk=chunk,
+                max_chunks=int(nch.max()) if self.ntotal else 0)
         return self._device
 
 
 # ----------------------------------------------------------------------------- search (JAX)
+#
+# Two jitted steps with the host in between, so the work is what faiss does (each query
+# against the vectors of its probed lists only, not padded to the longest list):
+#   1. the quantizer: each query's nprobe nearest centroids;
+#   2. the list scan over (query, chunk) pairs (CHUNK list positions each; the pairs of all
+#      queries listed on the host, their count bucketed to a power of two): squared L2 by
+#      differences, scattered into each query's candidate slots, then top-k per query.
+# Queries are padded to a power of two (at least 64), so few programs are compiled.
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -146,72 +177,117 @@ def _pow2_floor(n: int) -> int:
     return 1 << (max(1, int(n)).bit_length() - 1)
 
 
-def _search_fn(nprobe: int, window: int, k: int):
-    """The jitted search of one query block, for a given probe count, list window and k
-    (cached: one compiled program per index shape and block size)."""
-    return _SEARCH_CACHE.get((nprobe, window, k)) or _SEARCH_CACHE.setdefault((nprobe, window, k),
-                                                                              _make_search(nprobe, window, k))
-
-
 _SEARCH_CACHE: dict = {}
 
 
-def _make_search(nprobe: int, window: int, k: int):
-    import jax
-    import jax.numpy as jnp
+def _probe_fn(nprobe: int):
+    key = ("probe", nprobe)
+    if key not in _SEARCH_CACHE:
+        import jax
+        import jax.numpy as jnp
 
-    def run(q, centroids, c_norm, listed, row_of, offsets, sizes):
-        # The quantizer: argmin ||q - c||^2 = argmin ||c||^2 - 2 q.c (faiss's BLAS path for
-        # batches; ties go to the lower list number, as faiss's top-1 keeps the first).
-        qc = jnp.matmul(q, centroids.T, precision=jax.lax.Precision.HIGHEST)
-        cd = c_norm[None, :] - 2.0 * qc
-        if nprobe == 1:
-            lists = jnp.argmin(cd, axis=1)[:, None]
-        else:
-            lists = jax.lax.top_k(-cd, nprobe)[1]
-        pos = jnp.arange(window, dtype=jnp.int32)
-        idx = offsets[lists][:, :, None] + pos[None, None, :]  # [B, p, W] list positions
-        valid = pos[None, None, :] < sizes[lists][:, :, None]
-        idx = jnp.where(valid, idx, 0).reshape(q.shape[0], -1)
-        valid = valid.reshape(q.shape[0], -1)
-        cand = listed[idx]  # [B, p*W, d]
-        # The list scan: sum((q - v)^2), as faiss's fvec_L2sqr (not the expanded form).
-        dist = jnp.sum(jnp.square(cand - q[:, None, :]), axis=-1)
-        dist = jnp.where(valid, dist, jnp.inf)
-        neg, at = jax.lax.top_k(-dist, k)
-        found = jnp.take_along_axis(valid, at, axis=1)
-        rows = jnp.where(found, row_of[jnp.take_along_axis(idx, at, axis=1)], -1)
-        return jnp.where(found, -neg, FLT_MAX).astype(jnp.float32), rows
+        def run(q, centroids, c_norm):
+            # argmin ||q - c||^2 = argmin ||c||^2 - 2 q.c (faiss's BLAS path for batches; ties
+            # go to the lower list number, as faiss's top-1 keeps the first).
+            cd = c_norm[None, :] - 2.0 * jnp.matmul(q, centroids.T, precision=jax.lax.Precision.HIGHEST)
+            if nprobe == 1:
+                return jnp.argmin(cd, axis=1)[:, None].astype(jnp.int32)
+            return jax.lax.top_k(-cd, nprobe)[1].astype(jnp.int32)
 
-    return jax.jit(run)
+        _SEARCH_CACHE[key] = jax.jit(run)
+    return _SEARCH_CACHE[key]
 
 
-def _search_device(index: IVFFlatIndex, q, k: int):
-    """(distances, rows) as JAX arrays for ``q`` [T, d]: rows index ``index.vectors`` (-1: none).
-    Queries go through in blocks of a power-of-two size so few programs are compiled and the
-    gathered candidates [block, nprobe * window, d] stay under SEARCH_BLOCK_BYTES."""
+def _scan_fn(chunk: int, slots: int, k: int, pair_block: int, sequential: bool):
+    key = ("scan", chunk, slots, k, pair_block, sequential)
+    if key not in _SEARCH_CACHE:
+        import jax
+        import jax.numpy as jnp
+
+        def run(q, pair_q, pair_chunk, pair_slot, listed, chunk_start, chunk_len):
+            T = q.shape[0]
+            pos = jnp.arange(chunk, dtype=jnp.int32)
+
+            def block(args):
+                pq, pc = args
+                at = chunk_start[pc][:, None] + pos[None, :]  # [Pb, C] list positions
+                ok = (pos[None, :] < chunk_len[pc][:, None]) & (pq < T)[:, None]
+                cand = listed[jnp.where(ok, at, 0)]  # [Pb, C, d]
+                # faiss's fvec_L2sqr: the sum of squared differences (not the expanded form,
+                # which loses precision for near duplicates, where the blend weights peak).
+                dist = jnp.sum(jnp.square(cand - q[jnp.minimum(pq, T - 1)][:, None, :]), axis=-1)
+                return jnp.where(ok, dist, jnp.inf), jnp.where(ok, at, -1)
+
+            def one(args):  # one pair: its chunk as a slice of the list-ordered vectors
+                pq, pc = args
+                start = chunk_start[pc]
+                v = jax.lax.dynamic_slice(listed, (start, 0), (chunk, listed.shape[1]))
+                qq = jax.lax.dynamic_index_in_dim(q, jnp.minimum(pq, T - 1), keepdims=False)
+                ok = (pos < chunk_len[pc]) & (pq < T)
+                dist = jnp.sum(jnp.square(v - qq[None, :]), axis=-1)
+                return jnp.where(ok, dist, jnp.inf), jnp.where(ok, start + pos, -1)
+
+            if sequential:  # CPU: a loop of contiguous slices is ~5x faster than XLA's gather
+                dist, at = jax.lax.map(one, (pair_q, pair_chunk))
+            else:  # accelerators: blocks of gathered chunks
+                nb = pair_q.shape[0] // pair_block
+                dist, at = jax.lax.map(block, (pair_q.reshape(nb, pair_block), pair_chunk.reshape(nb, pair_block)))
+                dist, at = dist.reshape(-1, chunk), at.reshape(-1, chunk)
+            col = pair_slot[:, None] + pos[None, :]
+            d_all = jnp.full((T, slots), jnp.inf, jnp.float32).at[pair_q[:, None], col].set(dist, mode="drop")
+            p_all = jnp.full((T, slots), -1, jnp.int32).at[pair_q[:, None], col].set(at, mode="drop")
+            neg, top = jax.lax.top_k(-d_all, k)
+            p = jnp.take_along_axis(p_all, top, axis=1)
+            return jnp.where(p >= 0, -neg, FLT_MAX).astype(jnp.float32), p
+
+        _SEARCH_CACHE[key] = jax.jit(run)
+    return _SEARCH_CACHE[key]
+
+
+def _search_device(index: IVFFlatIndex, q, k: int, *, padded: bool = False):
+    """(distances, list positions) as JAX arrays for ``q`` [T, d]: positions index the
+    vectors in list order (``device_arrays()["listed"]``; -1: none). ``padded``: all the
+    padded queries' rows (a power of two, at least 64; the padding rows find nothing)."""
     import jax.numpy as jnp
 
     dev = index.device_arrays()
     T = int(q.shape[0])
     nprobe = min(index.nprobe, index.nlist)
-    window = max(dev["max_list"], 1)
-    kk = min(k, nprobe * window)
-    per_query = nprobe * window * index.dim * 4 * 3  # candidates, their differences, squares
-    # Short inputs share the 64-query program (fewer compilations; padding is cheap).
-    block = max(1, min(1024, _pow2_floor(SEARCH_BLOCK_BYTES // max(per_query, 1)), _pow2_ceil(max(T, 64))))
-    fn = _search_fn(nprobe, window, kk)
-    pad = (-T) % block
-    qp = jnp.pad(jnp.asarray(q, jnp.float32), ((0, pad), (0, 0)))
-    ds, rs = [], []
-    for s in range(0, T + pad, block):
-        d, r = fn(qp[s:s + block], dev["centroids"], dev["c_norm"], dev["listed"], dev["row_of"],
-                  dev["offsets"], dev["sizes"])
-        ds.append(d)
-        rs.append(r)
-    d = jnp.concatenate(ds)[:T] if ds else jnp.zeros((0, kk), jnp.float32)
-    r = jnp.concatenate(rs)[:T] if rs else jnp.zeros((0, kk), jnp.int32)
-    if kk < k:  # fewer candidates than k in the probed lists, whatever the query: faiss pads
+    chunk = dev["chunk"]
+    slots = max(nprobe * dev["max_chunks"] * chunk, 1)
+    kk = min(k, slots)
+    Tp = _pow2_ceil(max(T, 64))
+    qp = jnp.pad(jnp.asarray(q, jnp.float32), ((0, Tp - T), (0, 0)))
+    probe = _probe_fn(nprobe)
+    qb = min(Tp, 1024)
+    lists = np.concatenate([np.asarray(probe(qp[s:s + qb], dev["centroids"], dev["c_norm"]))
+                            for s in range(0, Tp, qb)])[:T]  # [T, nprobe]
+    # The (query, chunk) pairs: query t's probe j scans its list's chunks into the slots
+    # j * max_chunks * chunk + c * chunk + (0..chunk-1).
+    nch = dev["n_chunks"][lists]  # [T, nprobe]
+    flat = nch.reshape(-1)
+    P = int(flat.sum())
+    group = np.repeat(np.arange(flat.size), flat)
+    c_in = np.arange(P) - np.repeat(np.cumsum(flat) - flat, flat)
+    pair_q = (group // nprobe).astype(np.int32)
+    pair_chunk = (dev["first_chunk"][lists.reshape(-1)][group] + c_in).astype(np.int32)
+    pair_slot = ((group % nprobe) * dev["max_chunks"] * chunk + c_in * chunk).astype(np.int32)
+    per_pair = chunk * index.dim * 4 * 3  # candidates, differences, squares
+    pair_block = max(8, min(4096, _pow2_floor(SEARCH_BLOCK_BYTES // per_pair)))
+    Pp = max(_pow2_ceil(max(P, 1)), pair_block)
+    pad = Pp - P
+    pair_q = np.concatenate([pair_q, np.full(pad, Tp, np.int32)])  # padding pairs: dropped
+    pair_chunk = np.concatenate([pair_chunk, np.zeros(pad, np.int32)])
+    pair_slot = np.concatenate([pair_slot, np.zeros(pad, np.int32)])
+    import jax
+
+    sequential = SCAN_MODE == "loop" or (SCAN_MODE is None and jax.default_backend() == "cpu")
+    d, r = _scan_fn(chunk, slots, kk, pair_block, sequential)(
+        qp, jnp.asarray(pair_q), jnp.asarray(pair_chunk), jnp.asarray(pair_slot), dev["listed"],
+        dev["chunk_start"], dev["chunk_len"])
+    if not padded:
+        d, r = d[:T], r[:T]
+    if kk < k:  # fewer candidate slots than k, whatever the query: faiss pads
         d = jnp.pad(d, ((0, 0), (0, k - kk)), constant_values=FLT_MAX)
         r = jnp.pad(r, ((0, 0), (0, k - kk)), constant_values=-1)
     return d, r
@@ -224,8 +300,8 @@ def _blend_fn():
         import jax
         import jax.numpy as jnp
 
-        def run(feats, dist, rows, vectors, rate):
-            valid = rows >= 0
+        def run(feats, dist, pos, listed, rate):
+            valid = pos >= 0
             exact = valid & (dist == 0)
             # RVC: w = (1/D)^2 normalised per frame. Two guards where RVC produces garbage:
             # an exact duplicate (D = 0: inf weights, NaN frame) takes the duplicate(s) alone,
@@ -235,7 +311,7 @@ def _blend_fn():
             w = jnp.where(jnp.any(exact, axis=1, keepdims=True), exact.astype(jnp.float32), w)
             total = jnp.sum(w, axis=1, keepdims=True)
             w = w / jnp.where(total > 0, total, 1.0)
-            retrieved = jnp.sum(vectors[jnp.maximum(rows, 0)] * w[:, :, None], axis=1)
+            retrieved = jnp.sum(listed[jnp.maximum(pos, 0)] * w[:, :, None], axis=1)
             retrieved = jnp.where(total > 0, retrieved, feats)
             return (rate * retrieved + (1.0 - rate) * feats).astype(jnp.float32)
 
@@ -255,9 +331,10 @@ def blend(feats, index: IVFFlatIndex, rate: float) -> np.ndarray:
         return f.copy()
     import jax.numpy as jnp
 
-    d, rows = _search_device(index, f, 8)
-    out = _blend_fn()(jnp.asarray(f), d, rows, index.device_arrays()["vectors"], jnp.float32(rate))
-    return np.asarray(out)
+    d, pos = _search_device(index, f, 8, padded=True)  # padded rows: one program per size bucket
+    fp = jnp.pad(jnp.asarray(f), ((0, d.shape[0] - f.shape[0]), (0, 0)))
+    out = _blend_fn()(fp, d, pos, index.device_arrays()["listed"], jnp.float32(rate))
+    return np.asarray(out)[:f.shape[0]]
 
 
 # ----------------------------------------------------------------------------- compatibility
@@ -400,8 +477,9 @@ def read_index(path: str) -> IVFFlatIndex:
     centroids = centroids.reshape(nlist, d)
     (dm_type,) = r.fmt("b", "the direct map type")
     r.vector(np.int64, "the direct map")
-    if dm_type == 2:  # a hashtable direct map: its (id, offset) pairs follow; not needed to search
-        r.vector(np.int64, "the direct map hashtable")
+    if dm_type == 2:  # a hashtable direct map: its (id, list offset) pairs follow; not needed to search
+        (pairs,) = r.fmt("Q", "the direct map hashtable size")
+        r.array(np.int64, 2 * pairs if pairs <= len(data) else -1, "the direct map hashtable")
     elif dm_type not in (0, 1):
         _fail(path, f"direct map type {dm_type}: damaged")
     lh = r.fourcc("the inverted lists type")
@@ -424,8 +502,10 @@ def read_index(path: str) -> IVFFlatIndex:
         sizes[raw[0::2].astype(np.int64)] = raw[1::2]
     else:
         _fail(path, f"list sizes of type {kind!r}: damaged")
-    if int(sizes.sum()) != ntotal:
+    if (sizes < 0).any() or int(sizes.sum()) != ntotal:
         _fail(path, f"the lists hold {int(sizes.sum())} vectors, the header says {ntotal}: damaged")
+    if ntotal * (4 * d + 8) > len(data) - r.pos:  # before allocating what a damaged header claims
+        _fail(path, f"the file ends before its {ntotal} vectors (truncated or damaged)")
     vectors = np.empty((ntotal, d), np.float32)
     ids = np.empty(ntotal, np.int64)
     assign = np.empty(ntotal, np.int32)
@@ -537,12 +617,13 @@ def _assign(x: np.ndarray, c, block: int = 4096) -> tuple[np.ndarray, np.ndarray
     return (np.concatenate(out_a) if out_a else np.zeros(0, np.int32)), sums, counts
 
 
-def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_per_centroid: int = 256,
+def kmeans(x: np.ndarray, k: int, *, niter: int = 10, seed: int = 0, max_points_per_centroid: int = 256,
            progress: Callable[[str], None] | None = None) -> np.ndarray:
     """Lloyd's k-means as faiss's ``Clustering`` trains an IVF quantizer: at most
     ``max_points_per_centroid * k`` rows (a random sample), ``k`` random rows as the start,
-    ``niter`` iterations, an empty centre re-seeded by splitting the largest cluster (faiss's
-    small symmetric perturbation). Assignment and per-centre sums run in JAX."""
+    ``niter`` iterations (faiss's IVF default is 10), an empty centre re-seeded by splitting
+    a cluster drawn by size, with faiss's small symmetric perturbation. Assignment and the
+    per-centre sums run in JAX."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
     n = x.shape[0]
@@ -559,8 +640,12 @@ def kmeans(x: np.ndarray, k: int, *, niter: int = 25, seed: int = 0, max_points_
         counts = counts.astype(np.float64)
         nz = counts > 0
         c[nz] = (sums[nz] / counts[nz, None]).astype(np.float32)
-        for e in np.flatnonzero(~nz):  # split the largest cluster in two
-            big = int(np.argmax(counts))
+        for e in np.flatnonzero(~nz):
+            # faiss's split_clusters: a cluster drawn with probability ~ (size - 1) gives half
+            # of itself to the empty centre. (Always splitting the largest cluster reaches the
+            # same inertia but a lower recall: measured 0.56 vs faiss's 0.59-0.61 at d=768.)
+            w = np.maximum(counts - 1, 0)
+            big = int(rng.choice(k, p=w / w.sum())) if w.sum() > 0 else int(np.argmax(counts))
             c[e] = c[big] * (1 + eps * sign)
             c[big] = c[big] * (1 - eps * sign)
             counts[e] = counts[big] / 2
@@ -582,8 +667,12 @@ def minibatch_kmeans(x: np.ndarray, k: int, *, seed: int = 0, batch: int | None 
     c = x[rng.choice(n, k, replace=False)].astype(np.float64)
     counts = np.zeros(k, np.float64)
     steps = max(1, int(math.ceil(epochs * n / batch)))
+    per_epoch = max(1, n // batch)  # batches drawn without replacement, a new order each epoch
     for s in range(steps):
-        xb = x[rng.choice(n, min(batch, n), replace=False)]
+        if s % per_epoch == 0:
+            order = rng.permutation(n)
+        at = (s % per_epoch) * batch
+        xb = x[np.sort(order[at:at + batch])]
         _, sums, bc = _assign(xb, c.astype(np.float32), block=_pow2_ceil(min(batch, n)))
         bc = bc.astype(np.float64)
         counts += bc

@@ -102,7 +102,7 @@ def _cmd_index(args) -> int:
 
     t0 = time.time()
     folder = os.path.normpath(args.folder)
-    feature_dir, exp = find_features(folder, args.version)
+    feature_dir, _exp = find_features(folder, args.version)
     name = args.name or os.path.basename(os.path.abspath(folder))
     paths, frames, width = scan_features(feature_dir)
     version = {256: "v1", 768: "v2"}[width]
@@ -120,13 +120,13 @@ def _cmd_index(args) -> int:
     print(f"{feature_dir}: {frames} frames of {width}-d features from {len(paths)} files")
     with g.cleanup_on_failure():
         index = retrieval.build_index(load_features(paths), seed=args.seed, progress=progress)
-        retrieval.write_index(index, out)
         if total:
             import numpy as np
 
             from ..fileio import atomic_write
 
             atomic_write(total, lambda t: np.save(t, index.vectors), suffix=".npy")
+        retrieval.write_index(index, out)  # last: the index exists only when everything is written
     sizes = index.list_sizes
     print(f"{out}: IVF{index.nlist},Flat nprobe 1, {index.ntotal} vectors ({version}; lists of "
           f"{int(sizes.min())}..{int(sizes.max())}) in {time.time() - t0:.1f} s")

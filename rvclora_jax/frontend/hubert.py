@@ -418,11 +418,12 @@ class ContentFeatures:
     ``(T, C)``. ``normalize``: layer-normalise each waveform first (None: the model
     config's ``normalize_waveform``, i.e. the fairseq checkpoint's ``task.normalize``).
 
-    Clips are padded to a bucket length (:func:`bucket_frames`) with their real length
-    passed along, so each bucket × batch size compiles once and padding changes nothing."""
+    Clips are padded to a bucket length (:func:`bucket_frames`, or ``bucket(frames)``
+    when given: any rule ``t -> T >= t``) with their real length passed along, so each
+    bucket × batch size compiles once and padding changes nothing."""
 
     def __init__(self, model: Hubert, output: str = "v2", dtype=None, *, batch_size: int = 8,
-                 normalize: bool | None = None):
+                 normalize: bool | None = None, bucket: Callable[[int], int] | None = None):
         if output not in OUTPUTS:
             raise ValueError(f"unknown HuBERT output {output!r}; expected one of {', '.join(OUTPUTS)}")
         layer, proj = OUTPUTS[output]
@@ -432,6 +433,7 @@ class ContentFeatures:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.output, self.batch_size = output, int(batch_size)
+        self.bucket = bucket_frames if bucket is None else bucket
         self.config: HubertConfig = model.config
         self.normalize = self.config.normalize_waveform if normalize is None else bool(normalize)
         self.dim = self.config.final_proj_dim if proj else self.config.hidden_size
@@ -448,6 +450,12 @@ class ContentFeatures:
 
     def frames(self, n_samples: int) -> int:
         return frames(n_samples, self.config.conv_layers)
+
+    def _bucket(self, t: int) -> int:
+        tb = int(self.bucket(t))
+        if tb < t:
+            raise ValueError(f"bucket({t}) = {tb} frames is shorter than the clip")
+        return tb
 
     def _padded_len(self, t_bucket: int) -> int:
         # The longest clip with t_bucket frames: every shorter clip fits, and the padded
@@ -480,7 +488,7 @@ class ContentFeatures:
         t = self.frames(w.size)
         if t == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self._run_group([w], bucket_frames(t), 1)[0]
+        return self._run_group([w], self._bucket(t), 1)[0]
 
     def batch(self, wavs: Iterable, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Features of each clip, in order (as :meth:`__call__` would give them). Clips are
@@ -495,7 +503,7 @@ class ContentFeatures:
             if t == 0:
                 out[i] = np.zeros((0, self.dim), np.float32)
             else:
-                groups.setdefault(bucket_frames(t), []).append(i)
+                groups.setdefault(self._bucket(t), []).append(i)
         done, total = sum(o is not None for o in out), len(wavs)
         for t_bucket in sorted(groups):
             idx = groups[t_bucket]
