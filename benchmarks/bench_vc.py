@@ -147,15 +147,20 @@ def run_torch(work: str, f0_method: str, use_index: bool, steady: int) -> dict:
     audio = audio.astype(np.float32)
     load_s = time.perf_counter() - t0
 
+    stages = []
+
     def once():
         times = {"npy": 0, "f0": 0, "infer": 0}
+        stages.append(times)  # RVC's own stage timers: HuBERT + retrieval, f0, synthesizer
         return pipe.pipeline(hub, g, 0, audio.copy(), "input.wav", times, SETTINGS["f0_up_key"], f0_method,
                              os.path.join(work, "added.index") if use_index else "", SETTINGS["index_rate"], 1,
                              SETTINGS["filter_radius"], cpt["config"][-1], SETTINGS["resample_sr"],
                              SETTINGS["rms_mix_rate"], "v2", SETTINGS["protect"])
 
     with torch.no_grad():
-        return _measure(once, audio.size / 16000, load_s, steady, t0, c0)
+        r = _measure(once, audio.size / 16000, load_s, steady, t0, c0)
+    r["stages"] = stages
+    return r
 
 
 def run_jax(work: str, f0_method: str, use_index: bool, steady: int) -> dict:

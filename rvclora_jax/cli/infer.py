@@ -161,7 +161,7 @@ def _infer(args, specs, inputs, outs) -> int:
         print(f"{o}: {len(y) / sr:.2f} s at {sr} Hz (from {f})")
     rtf = conv_s / total if total else 0.0
     print(f"converted {len(kept)} file(s), {total:.1f} s of audio in {conv_s:.1f} s "
-          f"(real-time factor {rtf:.3f}; {time.perf_counter() - t0:.1f} s with loading)")
+          f"(real-time factor {rtf:.3f}, compiling included; {time.perf_counter() - t0:.1f} s with loading)")
     if skipped:
         print(f"  {len(skipped)} skipped (listed above)")
     return 0
