@@ -364,7 +364,7 @@ class VoiceConverter:
         as :data:`HUBERT_FRAMES2_BUDGET` allows (at most ``content.batch_size``)."""
         by_bucket: dict[int, list[int]] = {}
         for j, x in enumerate(segs):
-            by_bucket.setdefault(self.content._bucket(max(self.content.frames(x.size), 1)), []).append(j)
+            by_bucket.setdefault(self.content.bucket_for(max(self.content.frames(x.size), 1)), []).append(j)
         out: list = [None] * len(segs)
         for tb, idx in by_bucket.items():
             c = self.content

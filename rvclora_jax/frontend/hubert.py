@@ -451,7 +451,8 @@ class ContentFeatures:
     def frames(self, n_samples: int) -> int:
         return frames(n_samples, self.config.conv_layers)
 
-    def _bucket(self, t: int) -> int:
+    def bucket_for(self, t: int) -> int:
+        """The bucket (padded frame count) a clip of ``t`` frames runs in."""
         tb = int(self.bucket(t))
         if tb < t:
             raise ValueError(f"bucket({t}) = {tb} frames is shorter than the clip")
@@ -488,7 +489,7 @@ class ContentFeatures:
         t = self.frames(w.size)
         if t == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self._run_group([w], self._bucket(t), 1)[0]
+        return self._run_group([w], self.bucket_for(t), 1)[0]
 
     def batch(self, wavs: Iterable, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Features of each clip, in order (as :meth:`__call__` would give them). Clips are
@@ -503,7 +504,7 @@ class ContentFeatures:
             if t == 0:
                 out[i] = np.zeros((0, self.dim), np.float32)
             else:
-                groups.setdefault(self._bucket(t), []).append(i)
+                groups.setdefault(self.bucket_for(t), []).append(i)
         done, total = sum(o is not None for o in out), len(wavs)
         for t_bucket in sorted(groups):
             idx = groups[t_bucket]
