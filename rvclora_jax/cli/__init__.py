@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError as e:
         print(f"rvclora: error: out of memory ({' '.join(str(e).split()) or 'MemoryError'})", file=sys.stderr)
         return 2
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, ImportError) as e:  # ImportError: an optional extra missing
         msg = " ".join(str(e).split()) or type(e).__name__  # always one line
         print(f"rvclora: error: {msg}", file=sys.stderr)
         return 2

@@ -50,7 +50,8 @@ def _extra(module: str, what: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"{what} needs the '{module}' package: pip install 'rvclora-jax[prepare]'") from None
+        raise ImportError(f"{what} needs the '{module}' package: pip install 'rvclora-jax[audio]' "
+                          f"(or [prepare])") from None
 
 
 def read_audio(path: str) -> tuple[np.ndarray, int]:
