@@ -151,7 +151,11 @@ def _infer(args, specs, inputs, outs) -> int:
     total = sum(w.size for w in wavs) / 16000.0
     bar = _progress(total, args.no_progress)
     t1 = time.perf_counter()
-    results = vc.batch(wavs, progress=bar.update if bar else None)
+    def progress(done_s):  # the converter reports cumulative seconds of input converted
+        bar.n = round(min(done_s, total), 2)
+        bar.refresh()
+
+    results = vc.batch(wavs, progress=progress if bar else None)
     if bar:
         bar.close()
     conv_s = time.perf_counter() - t1
