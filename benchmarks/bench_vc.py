@@ -64,8 +64,9 @@ def _input(seconds: float):
 
 
 def prepare(work: str, seconds: float) -> None:
-    """The shared files: models (torch-made, random weights), index, input."""
-    import faiss
+    """The shared files: models (torch-made, random weights), index, input. The index is
+    faiss's own when faiss is installed, else ours (the same file format; a lent GPU
+    machine may lack faiss)."""
     import numpy as np
     import torch
     from rvc.lib.infer_pack.models import SynthesizerTrnMs768NSFsid
@@ -89,28 +90,66 @@ def prepare(work: str, seconds: float) -> None:
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((N_INDEX, 768)).astype(np.float32)
     n_ivf = min(int(16 * np.sqrt(N_INDEX)), N_INDEX // 39)
-    index = faiss.index_factory(768, f"IVF{n_ivf},Flat")
-    faiss.extract_index_ivf(index).nprobe = 1
-    index.train(feats)
-    for i in range(0, N_INDEX, 8192):
-        index.add(feats[i:i + 8192])
-    faiss.write_index(index, os.path.join(work, "added.index"))
+    try:
+        import faiss
+    except ImportError:
+        from rvclora_jax.retrieval import build_index, write_index
+
+        write_index(build_index(feats), os.path.join(work, "added.index"))
+    else:
+        index = faiss.index_factory(768, f"IVF{n_ivf},Flat")
+        faiss.extract_index_ivf(index).nprobe = 1
+        index.train(feats)
+        for i in range(0, N_INDEX, 8192):
+            index.add(feats[i:i + 8192])
+        faiss.write_index(index, os.path.join(work, "added.index"))
     wavfile.write(os.path.join(work, "input.wav"), 16000, _input(seconds))
 
 
 def _stub_modules():
-    """rvc's pipeline imports parselmouth and torchcrepe at module level (pm / crepe f0,
-    unused here), and pyworld, whose ``__init__`` fails without ``pkg_resources``."""
+    """Stand-ins for what rvc's pipeline imports at module level but this run does not use:
+    parselmouth and torchcrepe (pm / crepe f0), pyworld (whose ``__init__`` fails without
+    ``pkg_resources``; missing on a bare GPU machine), faiss when absent (the index is then
+    off on both sides), and librosa's ``feature.rms`` when librosa is absent (our
+    :func:`rvclora_jax.pipeline.rms_envelope`, equal to it, tested)."""
+    import importlib.util
     import types
 
-    from rvclora_jax.frontend.pitch import _pyworld
+    def missing(name):  # not installed, or only one of our stand-ins
+        if name in sys.modules:
+            return getattr(sys.modules[name], "__file__", None) is None
+        return importlib.util.find_spec(name) is None
 
     for name in ("parselmouth", "torchcrepe"):
         sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules.setdefault("pyworld", _pyworld())
+    try:
+        from rvclora_jax.frontend.pitch import _pyworld
+
+        sys.modules.setdefault("pyworld", _pyworld())
+    except ImportError:
+        sys.modules.setdefault("pyworld", types.ModuleType("pyworld"))
+    if missing("faiss"):
+        sys.modules.setdefault("faiss", types.ModuleType("faiss"))
+    if missing("librosa"):
+        from rvclora_jax.pipeline import rms_envelope
+
+        lib = sys.modules.setdefault("librosa", types.ModuleType("librosa"))
+        feature = types.ModuleType("librosa.feature")
+
+        def rms(*, y, frame_length, hop_length, **_):
+            assert frame_length == 2 * hop_length
+            return rms_envelope(y, frame_length)[None]
+
+        feature.rms = rms
+        lib.feature = feature
+        sys.modules["librosa.feature"] = feature
+        util = types.ModuleType("librosa.util")  # rvc.lib.rmvpe's import line; its STFT is unused
+        util.normalize = util.pad_center = util.tiny = None
+        lib.util = util
+        sys.modules.setdefault("librosa.util", util)
 
 
-def run_torch(work: str, f0_method: str, use_index: bool, steady: int) -> dict:
+def run_torch(work: str, f0_method: str, use_index: bool, steady: int, device: str = "cpu") -> dict:
     import numpy as np
     import torch
     from rvc.lib.infer_pack.models import SynthesizerTrnMs768NSFsid
@@ -137,12 +176,12 @@ def run_torch(work: str, f0_method: str, use_index: bool, steady: int) -> dict:
     g = SynthesizerTrnMs768NSFsid(*cpt["config"], is_half=False)
     del g.enc_q
     g.load_state_dict(cpt["weight"], strict=False)
-    g.eval()
-    hub = FairseqHubert(os.path.join(work, "hubert"))
-    cfg = type("Cfg", (), dict(CFG, is_half=False, device="cpu"))()
+    g.eval().to(device)
+    hub = FairseqHubert(os.path.join(work, "hubert")).to(device)
+    cfg = type("Cfg", (), dict(CFG, is_half=False, device=device))()
     pipe = Pipeline(cpt["config"][-1], cfg)
     if f0_method == "rmvpe":
-        pipe.model_rmvpe = RMVPE(os.path.join(work, "rmvpe.pt"), is_half=False, device="cpu")
+        pipe.model_rmvpe = RMVPE(os.path.join(work, "rmvpe.pt"), is_half=False, device=device)
     _, audio = wavfile.read(os.path.join(work, "input.wav"))
     audio = audio.astype(np.float32)
     load_s = time.perf_counter() - t0

@@ -20,7 +20,9 @@ PyTorch with random weights and load the same weights into the JAX models → me
    ``max_memory_allocated`` reset per row);
 3. every distinct convolution of the step (input shape × layer settings, collected with
    forward hooks on the PyTorch models): forward, input gradient and weight gradient, JAX
-   (the project's own layers, jit) vs torch, flagging any JAX op more than 2× slower.
+   (the project's own layers, jit) vs torch, flagging any JAX op more than 2× slower;
+4. ``rvclora infer``'s pipeline vs RVC's ``Pipeline.pipeline`` on a 30 s input
+   (``bench_vc.py``'s files: first and steady conversion, real-time factor).
 
 Prints ONE table (``section | item | jax | torch | torch/jax | note``) and, with ``--json``,
 writes the same rows to a file. A failing row is reported in the table, not raised, so one
@@ -52,7 +54,7 @@ NOTES: list[str] = []
 def row(section, item, jax_v=None, torch_v=None, note="", unit=""):
     ratio = None
     if isinstance(jax_v, (int, float)) and isinstance(torch_v, (int, float)) and jax_v and section in (
-            "step", "conv", "compile"):
+            "step", "conv", "compile", "infer"):
         ratio = torch_v / jax_v
     ROWS.append({"section": section, "item": item, "jax": jax_v, "torch": torch_v, "ratio": ratio,
                  "note": note, "unit": unit})
@@ -571,6 +573,32 @@ def conv_section(cfg, tiny, dev, have_ref, B, T, seg, reps, limit):
 # ------------------------------------------------------------------- main
 
 
+def infer_section(tiny, dev):
+    """``rvclora infer``'s pipeline vs RVC's own ``Pipeline.pipeline`` on the same files
+    (``benchmarks/bench_vc.py``: random weights in the real layouts, a 30 s speech input,
+    rmvpe; the index on both sides when faiss is there to read it for RVC)."""
+    import tempfile
+
+    import bench_vc
+
+    seconds, steady = (2.0, 1) if tiny else (30.0, 2)
+    work = tempfile.mkdtemp(prefix="device_check_vc_")
+    bench_vc.prepare(work, seconds)
+    bench_vc._stub_modules()
+    use_index = getattr(sys.modules.get("faiss"), "__file__", None) is not None
+    if not use_index:
+        NOTES.append("infer: faiss missing, so RVC cannot read the index: retrieval off on both sides")
+    j = bench_vc.run_jax(work, "rmvpe", use_index, steady)
+    t = bench_vc.run_torch(work, "rmvpe", use_index, steady, device=str(dev))
+    label = f"{seconds:.0f} s input, rmvpe, index {'on' if use_index else 'off'}"
+    row("infer", f"{label}: first conversion (JAX: compiling)", j["first_wall"], t["first_wall"], unit="s")
+    row("infer", f"{label}: steady conversion", j["steady_wall"], t["steady_wall"], unit="s")
+    row("infer", "real-time factor, steady (s per s of audio)", j["steady_wall"] / seconds,
+        t["steady_wall"] / seconds)
+    row("infer", "output samples", j["out_samples"], t["out_samples"],
+        note="" if j["out_samples"] == t["out_samples"] else "LENGTHS DIFFER")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", choices=["gpu", "cuda", "cpu", "tpu"], default=None,
@@ -581,7 +609,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; tiny: 2)")
     ap.add_argument("--conv-reps", type=int, default=None, help="timed calls per conv op (default 10; tiny: 2)")
     ap.add_argument("--conv-limit", type=int, default=None, help="time only the N largest convs (default all; tiny: 4)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: parity,step,conv")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: parity,step,conv,infer")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -616,9 +644,13 @@ def main(argv=None):
     for name, fn in (("parity", lambda: parity(cfg, tiny, dev)),
                      ("step", lambda: steps_section(cfg, tiny, dev, have_ref, batches, T, seg, steps)),
                      ("conv", lambda: conv_section(cfg, tiny, dev, have_ref, batches[0], T, seg, reps,
-                                                   conv_limit))):
+                                                   conv_limit)),
+                     ("infer", lambda: infer_section(tiny, dev))):
         if name in skip or (name == "parity" and not have_ref):
             row(name, "skipped", note="--skip" if name in skip else "no PyTorch reference")
+            continue
+        if name == "infer" and not (have_ref and importlib.util.find_spec("transformers")):
+            row(name, "skipped", note="needs torch, rvc and transformers for RVC's pipeline")
             continue
         if name == "conv" and not have_ref:
             row(name, "skipped", note="the conv list comes from the PyTorch models' hooks")

@@ -43,7 +43,7 @@ def _check_table(stdout, rows):
 
 
 def test_dry_run_parity_and_conv_table(tmp_path):
-    stdout, rows = _run(tmp_path, "--skip", "step", "--conv-limit", "2", "--conv-reps", "1")
+    stdout, rows = _run(tmp_path, "--skip", "step,infer", "--conv-limit", "2", "--conv-reps", "1")
     _check_table(stdout, rows)
     convs = [r for r in rows if r["section"] == "conv" and r["item"].endswith((" fwd", " dx", " dw"))]
     assert len(convs) == 6, convs  # 2 convs x (forward, input gradient, weight gradient)
@@ -60,3 +60,6 @@ def test_dry_run_every_section(tmp_path):
                   "B=2 jax bf16 / torch fp16 autocast+GradScaler: step"):
         assert steps[label]["jax"] > 0 and steps[label]["torch"] > 0, steps[label]
     assert any(r["section"] == "compile" for r in rows) and any(r["section"] == "memory" for r in rows)
+    infer = {r["item"]: r for r in rows if r["section"] == "infer"}
+    assert any("steady conversion" in k and v["jax"] > 0 and v["torch"] > 0 for k, v in infer.items()), infer
+    assert infer["output samples"]["jax"] == infer["output samples"]["torch"], infer
