@@ -16,6 +16,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -67,12 +68,45 @@ def _rss_gb() -> float:
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_memory_after_module(request):
+    t0, c0 = time.perf_counter(), _cpu_s()
     yield
     before = _rss_gb()
     release_memory()
     if request.config.getoption("verbose") > 0 or "RVCLORA_MEMLOG" in os.environ:
+        # CPU seconds (user + sys, this process and the subprocesses it waited for) say more
+        # than wall time on a shared machine
         print(f"\n[memory] {request.module.__name__}: RSS {before:.2f} GB -> {_rss_gb():.2f} GB after release, "
-              f"peak so far {_peak_gb(resource.RUSAGE_SELF):.2f} GB", file=sys.stderr)
+              f"peak so far {_peak_gb(resource.RUSAGE_SELF):.2f} GB; {time.perf_counter() - t0:.1f} s wall, "
+              f"{_cpu_s() - c0:.1f} s CPU", file=sys.stderr)
+
+
+def _cpu_s() -> float:
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                          resource.RUSAGE_CHILDREN)))
+
+
+def _log_compiles() -> None:
+    """``RVCLORA_COMPILELOG=SECONDS``: print every XLA compile that took longer than
+    SECONDS (default 2) with its function name, so the budget can be kept by making test
+    modules share programs: an identical program in a later module is read from the
+    session's persistent cache in well under a second and is not printed."""
+    import time
+
+    import jax
+
+    limit = float(os.environ["RVCLORA_COMPILELOG"] or 2.0)
+    t0 = time.perf_counter()
+
+    def on_duration(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration" and duration >= limit:
+            print(f"\n[compile] {time.perf_counter() - t0:7.1f}s {kw.get('fun_name')}: {duration:.1f} s",
+                  file=sys.stderr)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+
+
+if "RVCLORA_COMPILELOG" in os.environ:
+    _log_compiles()
 
 
 def _peak_gb(who) -> float:

@@ -13,8 +13,6 @@ faster overall (~25 s vs ~29 s on 2 cores) with the same coverage.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -27,6 +25,7 @@ from flax import nnx  # noqa: E402
 
 from rvclora_convert.state_dict import torch_to_flax, load_params  # noqa: E402
 from rvclora_jax.layers import Conv1d  # noqa: E402
+from tests.conftest import release_memory  # noqa: E402
 from rvclora_jax.models.discriminators import (  # noqa: E402
     V1_PERIODS, V2_PERIODS, DiscriminatorP, DiscriminatorS, MultiPeriodDiscriminator,
     multi_period_discriminator)
@@ -40,16 +39,27 @@ TORCH_PARAMS = {"v1": 54_968_286, "v2": 71_410_594}
 TORCH_CLS = {"v1": "MultiPeriodDiscriminator", "v2": "MultiPeriodDiscriminatorV2"}
 
 
-@functools.lru_cache(maxsize=1)
+_PAIR: dict = {}
+
+
 def _pair(version):
-    """(torch model, converted flax model, y, y_hat, torch outputs as numpy); built once.
-    One version at a time (v2's pair alone is ~1.5 GB with both frameworks' weights): the
-    tests below are ordered v1 first, then v2."""
+    """(torch parameter counts (all, weight_g), converted flax model, y, y_hat, torch outputs
+    as numpy); built once. One version at a time: v2's pair alone is ~1.5 GB with both
+    frameworks' weights, so the previous version (and the executables its eager run
+    compiled) is freed BEFORE the next is built, and the torch model is dropped as soon as
+    its outputs and counts are read. The tests below are ordered v1 first, then v2."""
+    if version in _PAIR:
+        return _PAIR[version]
+    _PAIR.clear()
+    release_memory()
     torch.manual_seed(1234 + (version == "v2"))
     tm = getattr(rvc_models, TORCH_CLS[version])().eval()
+    counts = (sum(p.numel() for p in tm.parameters()),
+              sum(p.numel() for k, p in tm.named_parameters() if k.endswith("weight_g")))
     fm = multi_period_discriminator(version, nnx.Rngs(0))
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
     load_params(fm, torch_to_flax(fm, sd, source=f"rvc {version} MPD"))
+    del sd
     rng = np.random.default_rng(7)
     y = (0.5 * rng.standard_normal((B, 1, N))).astype(np.float32)
     y_hat = (0.5 * rng.standard_normal((B, 1, N))).astype(np.float32)
@@ -57,13 +67,15 @@ def _pair(version):
         ref = tm(torch.from_numpy(y), torch.from_numpy(y_hat))
     ref = tuple([[t.numpy() for t in x] if not isinstance(x[0], list) else [[t.numpy() for t in f] for f in x]
                  for x in ref])
-    return tm, fm, y, y_hat, ref
+    del tm
+    _PAIR[version] = (counts, fm, y, y_hat, ref)
+    return _PAIR[version]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _free_models():
     yield
-    _pair.cache_clear()  # ~1 GB of torch + flax weights; don't keep it for later test files
+    _PAIR.clear()  # ~1 GB of torch + flax weights; don't keep it for later test files
 
 
 def _to_torch_layout(f: np.ndarray) -> np.ndarray:
@@ -103,9 +115,7 @@ def test_v1_matches_torch_eager():
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_param_count(version):
-    tm, fm, *_ = _pair(version)
-    t_all = sum(p.numel() for p in tm.parameters())
-    t_g = sum(p.numel() for k, p in tm.named_parameters() if k.endswith("weight_g"))
+    (t_all, t_g), fm, *_ = _pair(version)
     assert t_all == TORCH_PARAMS[version]
     flax_n = sum(int(x.size) for x in jax.tree.leaves(nnx.state(fm, nnx.Param)))
     # Weight norm is stored folded (one kernel instead of g and v): torch has one extra
