@@ -261,6 +261,7 @@ def _run(argv):
     return main(argv)
 
 
+@pytest.mark.slow  # ~60 s: full-size extraction rendered by RVC; extraction's maths is test_extract_rank8_energy_matches_direct_svd's
 def test_extract_full_rank_reproduces_voice_in_rvc(tmp_path, capsys):
     torch.manual_seed(0)
     ref = randomize_(rvc_models.SynthesizerTrnMs768NSFsid(*NARROW.to_list(), is_half=False).eval(), 0)

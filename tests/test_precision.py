@@ -96,6 +96,7 @@ def _conv_operand_dtypes(jaxpr) -> set:
     return found
 
 
+@pytest.mark.slow  # two GAN-step compiles (fp32 + bf16, ~80 s of CPU): outside the default budget
 def test_bf16_step_computes_convolutions_in_bf16(steps, batch):
     tr = steps["bf16"][0]
     b = tr.put_batch(batch[1])
@@ -105,6 +106,7 @@ def test_bf16_step_computes_convolutions_in_bf16(steps, batch):
         steps["fp32"][0].init_state(), b, steps["fp32"][0].frozen)) == {np.dtype(jnp.float32)}
 
 
+@pytest.mark.slow  # two GAN-step compiles (fp32 + bf16, ~80 s of CPU): outside the default budget
 def test_bf16_state_stays_fp32_and_the_caller_models_are_untouched(steps):
     tr, state, _ = steps["bf16"]
     floats = {np.dtype(x.dtype) for x in jax.tree.leaves(state) if np.issubdtype(x.dtype, np.floating)}
@@ -115,6 +117,7 @@ def test_bf16_state_stays_fp32_and_the_caller_models_are_untouched(steps):
         assert not any(getattr(m, "dtype", None) == jnp.bfloat16 for _, m in nnx.iter_modules(model))
 
 
+@pytest.mark.slow  # two GAN-step compiles (fp32 + bf16, ~80 s of CPU): outside the default budget
 def test_bf16_losses_match_fp32_losses(steps):
     f32, bf16 = steps["fp32"][2], steps["bf16"][2]
     rel = {k: abs(bf16[k] - f32[k]) / max(abs(f32[k]), 1e-6) for k in LOSSES}
@@ -130,6 +133,7 @@ def _forward(model, phone, pitch, pitchf, eps, src):
     return o
 
 
+@pytest.mark.slow  # two GAN-step compiles (fp32 + bf16, ~80 s of CPU): outside the default budget
 def test_bf16_adapter_merges_exactly(steps, batch):
     """The trained adapter loaded into the (fp32) generator, merged into its base: the merged
     model computes what the unmerged LoRA model computes, in float32."""
