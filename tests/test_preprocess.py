@@ -175,7 +175,7 @@ def test_wav_without_soundfile(files, monkeypatch):
         ref, rate = sf.read(files[name], dtype="float32")
         assert r == rate
         np.testing.assert_allclose(x, ref, atol=1e-7)
-    with pytest.raises(ImportError, match=r"rvclora-jax\[prepare\]"):
+    with pytest.raises(ImportError, match=r"rvclora-jax\[audio\]"):
         read_audio(files["pcm24.flac"])
 
 
