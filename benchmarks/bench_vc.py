@@ -49,11 +49,9 @@ def _input(seconds: float):
 
     from tests.speech import speech_file
 
-    clips = []
-    for name in ("arctic_a0007.wav", "arctic_a0009.wav"):
-        from rvclora_jax.frontend.audio_io import load_audio
+    from rvclora_jax.frontend.audio_io import load_audio
 
-        clips.append(load_audio(speech_file(name), 16000))
+    clips = [load_audio(speech_file(name), 16000) for name in ("arctic_a0007.wav", "arctic_a0009.wav")]
     gap = np.zeros(4000, np.float32)  # 0.25 s pauses: RVC's split points fall in them
     out, n = [], 0
     while n < seconds * 16000:
@@ -225,8 +223,7 @@ def run_jax(work: str, f0_method: str, use_index: bool, steady: int) -> dict:
             warnings.simplefilter("ignore")
             pitch = RMVPEPitch(load_rmvpe(os.path.join(work, "rmvpe.pt")))
     else:
-        def pitch(w):
-            return harvest(w, filter_radius=SETTINGS["filter_radius"])
+        pitch = harvest  # the converter applies PipelineConfig's filter_radius
     index = read_index(os.path.join(work, "added.index")) if use_index else None
     vc = VoiceConverter(synth, content, pitch=pitch, index=index, config=PipelineConfig(**CFG, **SETTINGS),
                         noise_scale=0.0)

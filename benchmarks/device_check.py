@@ -583,9 +583,8 @@ def infer_section(tiny, dev):
 
     seconds, steady = (2.0, 1) if tiny else (30.0, 2)
     work = tempfile.mkdtemp(prefix="device_check_vc_")
+    use_index = importlib.util.find_spec("faiss") is not None  # before bench_vc stands in for it
     bench_vc.prepare(work, seconds)
-    bench_vc._stub_modules()
-    use_index = getattr(sys.modules.get("faiss"), "__file__", None) is not None
     if not use_index:
         NOTES.append("infer: faiss missing, so RVC cannot read the index: retrieval off on both sides")
     j = bench_vc.run_jax(work, "rmvpe", use_index, steady)

@@ -84,7 +84,7 @@ def build_converter(args, specs):
     """The :class:`~rvclora_jax.pipeline.VoiceConverter` the flags describe (every model file
     loaded and checked)."""
     from ..fileio import require_torch
-    from ..frontend.pitch import harvest, pitch_method
+    from ..frontend.pitch import pitch_method
     from ..models.synthesizer import INFER_NOISE_SCALE
     from ..pipeline import PipelineConfig, VoiceConverter
     from . import prepare as P  # registers the rmvpe/fcpe loaders
@@ -97,21 +97,12 @@ def build_converter(args, specs):
     if output[:2] != version:
         raise ValueError(f"--hubert-output {output} gives {output[:2]} features, but {src.path} is a "
                          f"{version} model")
-    P._require_model(args.hubert, "--hubert", "content features (hubert_base.pt or a ContentVec folder)")
-    content = P.content_features(args.hubert, output)
-    content.normalize = False  # RVC's pipeline feeds the raw waveform (no task.normalize)
+    content = P.content_features(args.hubert, output)  # (the pipeline feeds it the raw waveform, as RVC)
     pitch = None
     if synth.f0:
-        if args.f0_method == "harvest":
-            if args.f0_model:
-                raise ValueError("the harvest f0 method takes no model file (--f0-model)")
-            pitch_method("harvest")  # checks pyworld is installed
-            r = args.filter_radius
-
-            def pitch(wav16k, _r=r):
-                return harvest(wav16k, filter_radius=_r)
-        else:
-            pitch = pitch_method(args.f0_method, args.f0_model)
+        # harvest comes back as the plain function, which the converter gives PipelineConfig's
+        # filter_radius; the factory refuses a --f0-model for it
+        pitch = pitch_method(args.f0_method, args.f0_model)
     elif args.f0_up_key or args.f0_model:
         print(f"note: {src.path} is a model without pitch (nono): --f0-up-key/--f0-model have no effect",
               file=sys.stderr)

@@ -67,14 +67,10 @@ def load_voice(path: str, specs: list[tuple[str, float]], *, run_scale: float = 
     from .. import adapters
     from ..params import load_params
 
-    if _is_run_dir(path):
-        if specs:
-            raise ValueError(f"{path}: is a training run (an adapter directory); it brings its own adapter, "
-                             f"so do not pass --adapter")
-        path, run_adapter = resolve_model(path, None)
-        specs = [(run_adapter, run_scale)]
-    elif not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such model file or folder")
+    # (a RUN_DIR given adapters too is refused there; a missing path too)
+    path, adapter = resolve_model(path, specs[0][0] if specs else None)
+    if adapter is not None and not specs:
+        specs = [(adapter, run_scale)]
     src = load_source(path)
     if src.kind != "generator":
         raise ValueError(f"{src.path}: is a {src.kind}; this needs a generator (an RVC voice model)")
