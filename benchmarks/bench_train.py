@@ -44,14 +44,61 @@ def _batch(B, T, seed=0):
     }
 
 
-def build_torch(B, T):
-    """RVC's own training step (``train_and_evaluate``'s body) on a random batch: returns
-    ``step()`` and the two networks with their optimizers."""
+def rvc_step(g, d, og, od, b, spec, spec_len, seg, *, fp16=False):
+    """RVC's ``train_and_evaluate`` body for one batch ``b`` (torch tensors, on the models'
+    device) as ``step() -> loss``: G forward, D step on the detached output, D again, G
+    step on mel×45 + KL + adversarial + feature matching. ``fp16``: RVC's ``fp16_run``
+    (autocast float16 + GradScaler; disabled, both are no-ops)."""
     import torch
     from rvc.lib.infer_pack import commons
-    from rvc.lib.infer_pack.models import MultiPeriodDiscriminatorV2, SynthesizerTrnMs768NSFsid
     from rvc.lib.train.losses import discriminator_loss, feature_loss, generator_loss, kl_loss
-    from rvc.lib.train.mel_processing import mel_spectrogram_torch, spec_to_mel_torch, spectrogram_torch
+    from rvc.lib.train.mel_processing import mel_spectrogram_torch, spec_to_mel_torch
+
+    hop = 400
+    kind = spec.device.type
+    amp = dict(device_type=kind, dtype=torch.float16, enabled=fp16)
+    scaler = torch.amp.GradScaler(kind, enabled=fp16)
+
+    def step():
+        with torch.autocast(**amp):
+            y_hat, ids, x_mask, z_mask, (z, z_p, m_p, logs_p, m_q, logs_q) = g(
+                b["phone"], b["phone_lengths"], b["pitch"], b["pitchf"], spec, spec_len, b["sid"])
+            mel = spec_to_mel_torch(spec, 2048, 125, 40000, 0, None)
+            y_mel = commons.slice_segments(mel, ids, seg)
+            with torch.autocast(device_type=kind, enabled=False):
+                y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), 2048, 125, 40000, 400, 2048, 0, None)
+            wave = commons.slice_segments(b["wave"].unsqueeze(1), ids * hop, seg * hop)
+            y_d_hat_r, y_d_hat_g, _, _ = d(wave, y_hat.detach())
+            with torch.autocast(device_type=kind, enabled=False):
+                loss_disc, _, _ = discriminator_loss(y_d_hat_r, y_d_hat_g)
+        od.zero_grad()
+        scaler.scale(loss_disc).backward()
+        scaler.unscale_(od)
+        scaler.step(od)
+        with torch.autocast(**amp):
+            y_d_hat_r, y_d_hat_g, fmap_r, fmap_g = d(wave, y_hat)
+            with torch.autocast(device_type=kind, enabled=False):
+                loss_mel = torch.nn.functional.l1_loss(y_mel, y_hat_mel) * 45
+                loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * 1.0
+                loss_fm = feature_loss(fmap_r, fmap_g)
+                loss_gen, _ = generator_loss(y_d_hat_g)
+                loss = loss_gen + loss_fm + loss_mel + loss_kl
+        og.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.unscale_(og)
+        scaler.step(og)
+        scaler.update()
+        return loss
+
+    return step
+
+
+def build_torch(B, T):
+    """RVC's own training step (:func:`rvc_step`) on a random batch: returns ``step()`` and
+    the two networks with their optimizers."""
+    import torch
+    from rvc.lib.infer_pack.models import MultiPeriodDiscriminatorV2, SynthesizerTrnMs768NSFsid
+    from rvc.lib.train.mel_processing import spectrogram_torch
 
     from rvclora_jax.families.rvc import RVC
 
@@ -66,30 +113,10 @@ def build_torch(B, T):
     b["sid"] = b["sid"].long()
     spec = spectrogram_torch(b["wave"], 2048, 40000, 400, 2048)
     spec_len = torch.full((B,), spec.shape[-1])
-    hop, seg = 400, 32
+    run = rvc_step(g, d, og, od, b, spec, spec_len, 32)
 
     def step():
-        y_hat, ids, x_mask, z_mask, (z, z_p, m_p, logs_p, m_q, logs_q) = g(
-            b["phone"], b["phone_lengths"], b["pitch"], b["pitchf"], spec, spec_len, b["sid"])
-        mel = spec_to_mel_torch(spec, 2048, 125, 40000, 0, None)
-        y_mel = commons.slice_segments(mel, ids, seg)
-        y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), 2048, 125, 40000, 400, 2048, 0, None)
-        wave = commons.slice_segments(b["wave"].unsqueeze(1), ids * hop, seg * hop)
-        y_d_hat_r, y_d_hat_g, _, _ = d(wave, y_hat.detach())
-        loss_disc, _, _ = discriminator_loss(y_d_hat_r, y_d_hat_g)
-        od.zero_grad()
-        loss_disc.backward()
-        od.step()
-        y_d_hat_r, y_d_hat_g, fmap_r, fmap_g = d(wave, y_hat)
-        loss_mel = torch.nn.functional.l1_loss(y_mel, y_hat_mel) * 45
-        loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * 1.0
-        loss_fm = feature_loss(fmap_r, fmap_g)
-        loss_gen, _ = generator_loss(y_d_hat_g)
-        loss = loss_gen + loss_fm + loss_mel + loss_kl
-        og.zero_grad()
-        loss.backward()
-        og.step()
-        return float(loss)
+        return float(run())
 
     step.nets = (g, d, og, od)
     return step

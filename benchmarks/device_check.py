@@ -286,9 +286,8 @@ def _torch_sync(dev):
 
 def torch_step_timing(cfg, tiny, dev, B, T, seg, steps, fp16):
     import torch
-    from rvc.lib.infer_pack import commons
-    from rvc.lib.train.losses import discriminator_loss, feature_loss, generator_loss, kl_loss
-    from rvc.lib.train.mel_processing import mel_spectrogram_torch, spec_to_mel_torch, spectrogram_torch
+    from bench_train import rvc_step
+    from rvc.lib.train.mel_processing import spectrogram_torch
 
     g, d = torch_models(cfg.replace(segment_size=seg), tiny, dev)
     g.train()
@@ -299,40 +298,7 @@ def torch_step_timing(cfg, tiny, dev, B, T, seg, steps, fp16):
     b["pitch"], b["sid"] = b["pitch"].long(), b["sid"].long()
     spec = spectrogram_torch(b["wave"], 2048, 40000, 400, 2048)
     spec_len = torch.full((B,), spec.shape[-1], device=dev)
-    hop = 400
-    kind = dev.type
-    amp = dict(device_type=kind, dtype=torch.float16, enabled=fp16)
-    scaler = torch.amp.GradScaler(kind, enabled=fp16)
-
-    def step():  # RVC's train_and_evaluate per batch (fp16_run: autocast + GradScaler)
-        with torch.autocast(**amp):
-            y_hat, ids, x_mask, z_mask, (z, z_p, m_p, logs_p, m_q, logs_q) = g(
-                b["phone"], b["phone_lengths"], b["pitch"], b["pitchf"], spec, spec_len, b["sid"])
-            mel = spec_to_mel_torch(spec, 2048, 125, 40000, 0, None)
-            y_mel = commons.slice_segments(mel, ids, seg)
-            with torch.autocast(device_type=kind, enabled=False):
-                y_hat_mel = mel_spectrogram_torch(y_hat.float().squeeze(1), 2048, 125, 40000, 400, 2048, 0, None)
-            wave = commons.slice_segments(b["wave"].unsqueeze(1), ids * hop, seg * hop)
-            y_d_hat_r, y_d_hat_g, _, _ = d(wave, y_hat.detach())
-            with torch.autocast(device_type=kind, enabled=False):
-                loss_disc, _, _ = discriminator_loss(y_d_hat_r, y_d_hat_g)
-        od.zero_grad()
-        scaler.scale(loss_disc).backward()
-        scaler.unscale_(od)
-        scaler.step(od)
-        with torch.autocast(**amp):
-            y_d_hat_r, y_d_hat_g, fmap_r, fmap_g = d(wave, y_hat)
-            with torch.autocast(device_type=kind, enabled=False):
-                loss_mel = torch.nn.functional.l1_loss(y_mel, y_hat_mel) * 45
-                loss_kl = kl_loss(z_p, logs_q, m_p, logs_p, z_mask) * 1.0
-                loss_fm = feature_loss(fmap_r, fmap_g)
-                loss_gen, _ = generator_loss(y_d_hat_g)
-                loss = loss_gen + loss_fm + loss_mel + loss_kl
-        og.zero_grad()
-        scaler.scale(loss).backward()
-        scaler.unscale_(og)
-        scaler.step(og)
-        scaler.update()
+    step = rvc_step(g, d, og, od, b, spec, spec_len, seg, fp16=fp16)  # RVC's fp16_run: autocast + GradScaler
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
