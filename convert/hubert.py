@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .pth import RVCFileError
+from .pth import RVCFileError, torch_load_error
 from .state_dict import StateDictError, flax_to_torch, torch_to_flax
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError
@@ -129,22 +129,11 @@ def _restricted_load(path: str) -> Any:
                 raise _fail(path, f"the file contains Python objects/code ({name or (m2 and m2.group(1)) or '?'}) "
                                   f"that safe loading refuses; nothing from it was executed, and HuBERT weight "
                                   f"files never need this") from None
-            m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
-            why = m.group(1).strip() if m else text.splitlines()[0]
-            raise _fail(path, f"not a readable PyTorch checkpoint (unpickling failed: {why})") from None
-        except MemoryError:
-            raise _fail(path, "declares tensors larger than the memory available") from None
-        except RuntimeError as e:
-            text = str(e)
-            if "zip archive" in text or "central directory" in text:
-                raise _fail(path, "truncated or corrupted PyTorch checkpoint (its zip archive is incomplete)") from None
-            raise _fail(path, f"could not be read by torch.load: {text.splitlines()[0] if text else e!r}") from None
-        except EOFError:
-            raise _fail(path, "truncated or empty file (unexpected end of file while unpickling)") from None
+            raise torch_load_error(path, e, _fail) from None
         except HubertFileError:
             raise
         except Exception as e:  # garbage bytes give KeyError / ValueError / ... from the unpickler
-            raise _fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+            raise torch_load_error(path, e, _fail) from None
 
 
 def _plain(v: Any, depth: int = 0) -> Any:

@@ -30,7 +30,7 @@ import numbers
 import os
 import pickle
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -127,8 +127,6 @@ def _torch_load(path: str) -> Any:
     _check_legacy_sizes(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except MemoryError:
-        raise _fail(path, "declares tensors larger than the memory available") from None
     except pickle.UnpicklingError as e:
         text = str(e)
         m = re.search(r"GLOBAL\s+([\w.]+)", text)
@@ -137,19 +135,30 @@ def _torch_load(path: str) -> Any:
             raise _fail(path, f"the file contains Python objects/code ({name}) that safe loading "
                               f"(torch.load weights_only=True) refuses; nothing from it was executed, "
                               f"and RVC weight files never need this") from None
+        raise torch_load_error(path, e) from None
+    except Exception as e:  # also garbage bytes: KeyError / ValueError / ... from the unpickler
+        raise torch_load_error(path, e) from None
+
+
+def torch_load_error(path: str, e: BaseException, fail: Callable[[str, str], Exception] = _fail) -> Exception:
+    """The one-line error (made by ``fail``) for what ``torch.load(path, weights_only=True)``
+    raised: memory, an unpickling failure that is not a refused global (each loader words
+    that one itself), a damaged zip archive, an early end of file."""
+    text = str(e)
+    if isinstance(e, MemoryError):
+        return fail(path, "declares tensors larger than the memory available")
+    if isinstance(e, pickle.UnpicklingError):
         m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
         why = m.group(1).strip() if m else text.splitlines()[0]
-        raise _fail(path, f"not a readable PyTorch checkpoint (unpickling failed: {why})") from None
-    except RuntimeError as e:
-        text = str(e)
+        return fail(path, f"not a readable PyTorch checkpoint (unpickling failed: {why})")
+    if isinstance(e, RuntimeError):
         if "zip archive" in text or "central directory" in text:
-            raise _fail(path, "truncated or corrupted PyTorch checkpoint (its zip archive is "
-                              "incomplete: failed finding central directory)") from None
-        raise _fail(path, f"could not be read by torch.load: {text.splitlines()[0] if text else e!r}") from None
-    except EOFError:
-        raise _fail(path, "truncated or empty file (unexpected end of file while unpickling)") from None
-    except Exception as e:  # garbage bytes give KeyError / ValueError / ... from the unpickler
-        raise _fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+            return fail(path, "truncated or corrupted PyTorch checkpoint (its zip archive is "
+                              "incomplete: failed finding central directory)")
+        return fail(path, f"could not be read by torch.load: {text.splitlines()[0] if text else e!r}")
+    if isinstance(e, EOFError):
+        return fail(path, "truncated or empty file (unexpected end of file while unpickling)")
+    return fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})")
 
 
 # Bytes per element of the storage classes a legacy (pre-1.6, non-zip) torch file names.
