@@ -24,6 +24,7 @@ Every write goes to a temporary name in the target directory and is renamed into
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -33,9 +34,9 @@ import tempfile
 from typing import Any
 
 import numpy as np
-import torch
 from flax import nnx
 
+from . import torchfile
 from .pth import LAYOUTS, RVCFile, RVCFileError, check_metadata, load_rvc_file, to_flax
 from .state_dict import (LEGACY_G, LEGACY_V, NEW_G, NEW_V, flax_to_torch, fold_weight_norm)
 from rvclora_jax import adapters, families, lora
@@ -112,9 +113,9 @@ def _check_finite(out_path: str, tensors: dict) -> None:
     """Refuse, before anything is written, a tensor that is not finite in the dtype it is
     written in (fp16 overflows to inf above 65504: a huge adapter or ``--scale``)."""
     for k, t in tensors.items():
-        a = t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t))
-        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
-            dt = str(a.dtype).replace("torch.", "")
+        a = np.asarray(t)
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            dt = a.dtype.name
             hint = " (float16 holds at most 65504: lower --scale or export with --fp32)" if dt == "float16" else ""
             raise ValueError(f"{out_path}: not written: {k} would hold non-finite values as {dt}{hint}")
 
@@ -415,8 +416,10 @@ def export(src: Source, out_path: str, *, adapter: Any = None, scale: float = 1.
         raise ValueError(f"{src.path}: has no {subtree} (an inference model), so it cannot be written as a "
                          f"{layout} file, which RVC loads strictly with {subtree}")
     sd = state_dict_for(src, params, keep_training_only=layout != "inference")
-    dtype = torch.float16 if (layout == "inference" and not fp32) else torch.float32
-    tensors = {k: torch.from_numpy(np.array(v, copy=True)).to(dtype) for k, v in sd.items()}
+    dtype = np.dtype(np.float16 if (layout == "inference" and not fp32) else np.float32)
+    # a state dict is an OrderedDict in every file torch writes; RVC's loaders take either
+    with np.errstate(over="ignore"):  # an fp16 overflow is refused by name below, not warned about
+        tensors = collections.OrderedDict((k, np.asarray(v).astype(dtype)) for k, v in sd.items())
     md = src.metadata
     if layout == "inference":
         cfg = src.config.replace(segment_size=32)  # RVC's small models always store 32
@@ -436,17 +439,17 @@ def export(src: Source, out_path: str, *, adapter: Any = None, scale: float = 1.
     else:
         ckpt = {"model": tensors}
     _check_finite(out_path, tensors)
-    out_path = _atomic_write(out_path, lambda tmp: torch.save(ckpt, tmp), suffix=".pth")
-    return {"path": out_path, "layout": layout, "dtype": str(dtype).replace("torch.", ""),
+    out_path = _atomic_write(out_path, lambda tmp: torchfile.save(ckpt, tmp), suffix=".pth")
+    return {"path": out_path, "layout": layout, "dtype": dtype.name,
             "keys": len(tensors), "adapter": ad.directory if ad else None, "scale": scale,
             "bytes": os.path.getsize(out_path)}
 
 
 def write_base_file(model: nnx.Module, path: str) -> str:
     """Write a synthesizer's weights as an RVC pretrained-style ``{"model": state_dict}`` file."""
-    sd = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in flax_to_torch(model).items()}
+    sd = collections.OrderedDict((k, np.array(v, np.float32)) for k, v in flax_to_torch(model).items())
     _check_finite(path, sd)
-    return _atomic_write(path, lambda tmp: torch.save({"model": sd}, tmp), suffix=".pth")
+    return _atomic_write(path, lambda tmp: torchfile.save({"model": sd}, tmp), suffix=".pth")
 
 
 __all__ = ["Source", "load_source", "source_from_rvc_file", "convert_file", "export", "merge_adapter",

@@ -3,7 +3,7 @@
 The bundled checkpoint ships inside the ``torchfcpe`` wheel (``torchfcpe/assets/
 fcpe_c_v001.pt``, MIT licence); Applio ships the same network as ``fcpe.pt``. It is
 ``{"global_step": int, "model": state_dict, "config_dict": {...}}`` and is read with
-``torch.load(weights_only=True)`` (no code in the file runs). The model's configuration
+:func:`rvclora_convert.torchfile.load` (numpy only; no code in the file runs). The model's configuration
 comes from the file's own ``config_dict`` and is cross-checked against the tensor shapes
 (:mod:`rvclora_jax.families.fcpe`); the weight-normed ``output_proj`` is folded; the
 stored ``cent_table`` is used as stored (after checking it is the table the config
@@ -24,9 +24,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 
-from .pth import RVCFileError, _fail, _to_numpy, _torch_load
+from . import torchfile
+from .pth import RVCFileError, _fail, _to_numpy, read_checkpoint
 from .state_dict import StateDictError, torch_to_flax
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError, ModelSpec
@@ -83,12 +83,9 @@ def read_fcpe(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]
     """``(spec, state_dict, buffers)`` of a torchfcpe checkpoint (numpy, torch key names).
     ``buffers`` holds ``cent_table`` (and the scalar ``gaussian_blurred_cent_mask``)."""
     path = os.fspath(path)
-    try:
-        ckpt = _torch_load(path)
-    except RVCFileError as e:
-        raise FCPEFileError(str(e)) from None
+    ckpt = read_checkpoint(path, fail=_error, kind="FCPE checkpoint", never="FCPE weight files never need this")
     if not isinstance(ckpt, dict):
-        raise _error(path, f"top level is a {type(ckpt).__name__}; an FCPE checkpoint is a dict with "
+        raise _error(path, f"top level is a {torchfile.type_name(ckpt)}; an FCPE checkpoint is a dict with "
                            f"'model' and 'config_dict' (as torchfcpe's fcpe_c_v001.pt)")
     keys = sorted(map(str, ckpt))
     if "weight" in ckpt and "config" in ckpt:
@@ -108,9 +105,9 @@ def read_fcpe(path: str | os.PathLike) -> tuple[ModelSpec, dict[str, np.ndarray]
     buffers: dict[str, np.ndarray] = {}
     mask = sd_raw.pop("gaussian_blurred_cent_mask", None)  # a 0-d tensor (training only)
     if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.numel() != 1 or not mask.dtype.is_floating_point:
+        if not isinstance(mask, np.ndarray) or mask.size != 1 or mask.dtype.kind != "f":
             raise _error(path, "gaussian_blurred_cent_mask should be a scalar float tensor")
-        buffers["gaussian_blurred_cent_mask"] = np.asarray(mask.detach().float().numpy()).reshape(())
+        buffers["gaussian_blurred_cent_mask"] = np.asarray(mask, np.float32).reshape(())
     sd = _to_numpy(path, "model", sd_raw)
     try:
         spec = FCPE_FAMILY.detect(sd, {"config_dict": ckpt["config_dict"]}, where="model")

@@ -12,12 +12,12 @@
   Applio's ``HubertModelWithFinalProj`` (a ``final_proj`` Linear on top).
 
 Nothing in a file is ever run. ``.pt``/``.bin`` files are read with
-``torch.load(weights_only=True)``, torch's restricted unpickler. fairseq checkpoints
-also name Python classes (``Dictionary``, ``Namespace``, OmegaConf containers) that
-that unpickler refuses; the names it reports from the known non-tensor namespaces
-(:data:`_INERT_PREFIXES`) are bound to :class:`_Inert`, a plain record that only stores
-the constructor arguments and state it is given, and the load is retried. Any other
-global (``os.system``, ``builtins.eval``, ...) is refused, naming it. Config values are
+:func:`rvclora_convert.torchfile.load` (numpy only, a restricted unpickler like
+``torch.load(weights_only=True)``'s). fairseq checkpoints also name Python classes
+(``Dictionary``, ``Namespace``, OmegaConf containers) that such an unpickler refuses;
+those from the known non-tensor namespaces (:data:`_INERT_PREFIXES`) are bound to
+:class:`_Inert`, a plain record that only stores the constructor arguments and state it
+is given. Any other global (``os.system``, ``builtins.eval``, ...) is refused, naming it. Config values are
 read from these records as plain data; fairseq's ``conv_feature_layers`` string (a
 Python expression fairseq ``eval``s) is parsed by a small literal evaluator instead.
 
@@ -34,14 +34,13 @@ from __future__ import annotations
 import ast
 import json
 import os
-import pickle
 import re
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 
-from .pth import RVCFileError, torch_load_error
+from . import torchfile
+from .pth import RVCFileError, read_checkpoint
 from .state_dict import StateDictError, flax_to_torch, torch_to_flax
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError
@@ -61,12 +60,11 @@ def _fail(path: str, msg: str) -> HubertFileError:
 # --------------------------------------------------------------------------- restricted loading
 
 # Namespaces of the non-tensor objects fairseq checkpoints hold. Their globals become
-# inert records; anything else a pickle names stays refused by torch's unpickler.
+# inert records; anything else a pickle names stays refused.
 _INERT_PREFIXES = ("fairseq.", "omegaconf.", "argparse.", "typing.", "enum.", "pathlib.", "numpy.",
                    "collections.defaultdict", "builtins.dict", "builtins.list", "builtins.tuple",
                    "builtins.set", "builtins.frozenset", "builtins.int", "builtins.float", "builtins.str",
                    "builtins.bool", "builtins.object", "builtins.NoneType")
-_MAX_STUBS = 64
 
 
 class _Inert:
@@ -106,34 +104,13 @@ def _inert_class(name: str) -> type:
     return type(f"Inert_{re.sub(r'[^0-9A-Za-z_]', '_', name)}", (_Inert,), {"_name": name})
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+def _inert_for(name: str) -> type | None:
+    return _inert_class(name) if name.startswith(_INERT_PREFIXES) else None
 
 
 def _restricted_load(path: str) -> Any:
-    stubs: dict[str, type] = {}
-    while True:
-        try:
-            with torch.serialization.safe_globals([(cls, name) for name, cls in stubs.items()]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            text = str(e)
-            m = _GLOBAL_RE.search(text)
-            name = m.group(1) if m else None
-            if name and "." not in name:  # torch reports builtins.X as X
-                name = "builtins." + name
-            if name and name not in stubs and name.startswith(_INERT_PREFIXES) and len(stubs) < _MAX_STUBS:
-                stubs[name] = _inert_class(name)
-                continue
-            if name or "GLOBAL" in text:
-                m2 = re.search(r"GLOBAL\s+([\w.]+)", text)
-                raise _fail(path, f"the file contains Python objects/code ({name or (m2 and m2.group(1)) or '?'}) "
-                                  f"that safe loading refuses; nothing from it was executed, and HuBERT weight "
-                                  f"files never need this") from None
-            raise torch_load_error(path, e, _fail) from None
-        except HubertFileError:
-            raise
-        except Exception as e:  # garbage bytes give KeyError / ValueError / ... from the unpickler
-            raise torch_load_error(path, e, _fail) from None
+    return read_checkpoint(path, fail=_fail, inert=_inert_for, kind="model file",
+                           never="HuBERT weight files never need this")
 
 
 def _plain(v: Any, depth: int = 0) -> Any:
@@ -260,30 +237,16 @@ def fold_pos_conv(sd: Mapping[str, Any], *, source: str = "state dict") -> dict[
 
 def _to_numpy(path: str, where: str, sd: Any) -> dict[str, np.ndarray]:
     if not isinstance(sd, Mapping):
-        raise _fail(path, f"'{where}' should be a state dict (str -> tensor), got {type(sd).__name__}")
-    budget = os.path.getsize(path) if os.path.isfile(path) else None
-    declared = 0
+        raise _fail(path, f"'{where}' should be a state dict (str -> tensor), got {torchfile.type_name(sd)}")
     out: dict[str, np.ndarray] = {}
     for k, v in sd.items():
         if not isinstance(k, str):
             raise _fail(path, f"'{where}' has a non-string key {k!r}")
-        if isinstance(v, np.ndarray):
-            a = v
-        elif isinstance(v, torch.Tensor):
-            if not v.dtype.is_floating_point:
-                raise _fail(path, f"{k} is a {str(v.dtype).replace('torch.', '')} tensor; HuBERT weights are floats")
-            nbytes = v.numel() * v.element_size()
-            if nbytes > v.untyped_storage().nbytes() - v.storage_offset() * v.element_size() or \
-                    (v.numel() and min(v.stride(), default=1) < 0):
-                raise _fail(path, f"{k} declares shape {list(v.shape)} with strides {list(v.stride())}, more than "
-                                  f"its stored data holds")
-            declared += nbytes
-            if budget is not None and declared > budget:
-                raise _fail(path, f"{k}: the tensors declare more data than the file holds ({budget:,} bytes)")
-            t = v.detach().cpu()
-            a = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-        else:
-            raise _fail(path, f"{k}: expected a tensor in '{where}', got {type(v).__name__}")
+        if isinstance(v, torchfile.BadTensor):  # reaches past its stored bytes: nothing was allocated
+            raise _fail(path, f"{k} {v.reason}")
+        if not isinstance(v, np.ndarray):
+            raise _fail(path, f"{k}: expected a tensor in '{where}', got {torchfile.type_name(v)}")
+        a = v.astype(np.float32) if v.dtype.name == "bfloat16" else v  # numpy has no bfloat16 maths
         if a.dtype.kind != "f":
             raise _fail(path, f"{k} is a {a.dtype} array; HuBERT weights are floats")
         if not np.all(np.isfinite(a)):
@@ -445,7 +408,7 @@ def read_hubert_state_dict(path: str | os.PathLike) -> tuple[str, str, dict[str,
         return path, "hf", sd, claims
     obj = _restricted_load(path)
     if not isinstance(obj, Mapping):
-        raise _fail(path, f"top level is a {type(obj).__name__}, expected a fairseq checkpoint dict with 'model' "
+        raise _fail(path, f"top level is a {torchfile.type_name(obj)}, expected a fairseq checkpoint dict with 'model' "
                           f"or a Hugging Face state dict")
     if "weight" in obj and "config" in obj:
         raise _fail(path, f"is {_NOT_HUBERT_HINT}")

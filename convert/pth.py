@@ -9,8 +9,9 @@ Layouts (what RVC writes: ``rvc/lib/train/utils.py`` ``save_checkpoint``, and
 * ``"inference"``: small models ``{"weight", "config", "info", "sr", "f0", "version"}``
   (fp16, no ``enc_q``), plus Applio's extra keys and spellings.
 
-:func:`load_rvc_file` reads a file with ``torch.load(weights_only=True)`` (no code in the
-file is ever run) and detects its layout here; which model the state dict holds (kind,
+:func:`load_rvc_file` reads a file with :func:`rvclora_convert.torchfile.load` (numpy only;
+like ``torch.load(weights_only=True)``, no code in the file is ever run) and detects its
+layout here; which model the state dict holds (kind,
 version, f0, sample rate, config: a :class:`rvclora_jax.families.ModelSpec`) is
 recognised from the tensor shapes by the model family (:func:`rvclora_jax.families.detect`),
 which also cross-checks what the file claims. Every problem is an :class:`RVCFileError`
@@ -19,7 +20,7 @@ whose one-line message starts with the file path and names the offending key.
 weights onto it with :func:`rvclora_convert.state_dict.torch_to_flax` and materialises
 the model with them.
 
-This module imports torch; ``rvclora_jax`` itself does not.
+Nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -28,14 +29,12 @@ import dataclasses
 import json
 import numbers
 import os
-import pickle
-import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 from flax import nnx
 
+from . import torchfile
 from .state_dict import StateDictError, torch_to_flax, weight_norm_groups, weight_norm_style
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError, ModelSpec
@@ -113,116 +112,33 @@ def _fail(path: str, msg: str) -> RVCFileError:
 # --------------------------------------------------------------------------- reading
 
 
-def _torch_load(path: str) -> Any:
+def read_checkpoint(path: str, *, fail: Callable[[str, str], Exception] = _fail,
+                    inert: Callable[[str], type | None] | None = None,
+                    kind: str = ".pth file", never: str = "RVC weight files never need this") -> Any:
+    """The object in the PyTorch file at ``path``, tensors as numpy arrays
+    (:func:`rvclora_convert.torchfile.load`: no torch, no code from the file run). Every
+    problem is one line made by ``fail(path, reason)``; a refused global is named, and
+    ``never`` says why such a file is not what was expected. ``inert`` lets harmless
+    foreign classes through as records (see :func:`torchfile.load`)."""
     if not os.path.exists(path):
-        raise _fail(path, "file not found")
+        raise fail(path, "file not found")
     if os.path.isdir(path):
-        raise _fail(path, "is a directory, not a .pth file")
+        raise fail(path, f"is a directory, not a {kind}")
     try:  # a FIFO or /dev/zero would be read without end
-        require_regular_file(path, ".pth file")
+        require_regular_file(path, kind)
     except (OSError, ValueError) as e:
-        raise RVCFileError(" ".join(str(e).split())) from None
+        raise fail(path, " ".join(str(e).split()).removeprefix(f"{path}: ")) from None
     if os.path.getsize(path) == 0:
-        raise _fail(path, "file is empty")
-    _check_legacy_sizes(path)
+        raise fail(path, "file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        m = re.search(r"GLOBAL\s+([\w.]+)", text)
-        if m or "Unsupported global" in text:
-            name = m.group(1) if m else "?"
-            raise _fail(path, f"the file contains Python objects/code ({name}) that safe loading "
-                              f"(torch.load weights_only=True) refuses; nothing from it was executed, "
-                              f"and RVC weight files never need this") from None
-        raise torch_load_error(path, e) from None
-    except Exception as e:  # also garbage bytes: KeyError / ValueError / ... from the unpickler
-        raise torch_load_error(path, e) from None
-
-
-def torch_load_error(path: str, e: BaseException, fail: Callable[[str, str], Exception] = _fail) -> Exception:
-    """The one-line error (made by ``fail``) for what ``torch.load(path, weights_only=True)``
-    raised: memory, an unpickling failure that is not a refused global (each loader words
-    that one itself), a damaged zip archive, an early end of file."""
-    text = str(e)
-    if isinstance(e, MemoryError):
-        return fail(path, "declares tensors larger than the memory available")
-    if isinstance(e, pickle.UnpicklingError):
-        m = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)", text, re.S)
-        why = m.group(1).strip() if m else text.splitlines()[0]
-        return fail(path, f"not a readable PyTorch checkpoint (unpickling failed: {why})")
-    if isinstance(e, RuntimeError):
-        if "zip archive" in text or "central directory" in text:
-            return fail(path, "truncated or corrupted PyTorch checkpoint (its zip archive is "
-                              "incomplete: failed finding central directory)")
-        return fail(path, f"could not be read by torch.load: {text.splitlines()[0] if text else e!r}")
-    if isinstance(e, EOFError):
-        return fail(path, "truncated or empty file (unexpected end of file while unpickling)")
-    return fail(path, f"not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})")
-
-
-# Bytes per element of the storage classes a legacy (pre-1.6, non-zip) torch file names.
-_LEGACY_ITEMSIZE = {"DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
-                    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1,
-                    "ByteStorage": 1, "BoolStorage": 1, "ComplexFloatStorage": 8,
-                    "ComplexDoubleStorage": 16}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization's MAGIC_NUMBER
-
-
-class _LegacyScan(pickle.Unpickler):
-    """Reads the pickles of a legacy torch file without building anything: every global
-    becomes an inert stand-in (no code runs) and each storage reference only adds its
-    declared size. torch.load allocates a legacy storage as soon as the pickle names it,
-    before reading its bytes, so a tiny file declaring 10^11 floats would allocate them."""
-
-    def __init__(self, fh):
-        super().__init__(fh)
-        self.declared = 0
-
-    def find_class(self, module, name):
-        return type(name, (_Inert,), {})
-
-    def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
-            numel = pid[4]
-            if not isinstance(numel, int) or numel < 0:
-                raise ValueError(f"storage size {numel!r}")
-            self.declared += numel * _LEGACY_ITEMSIZE.get(getattr(pid[1], "__name__", ""), 8)
-        return None
-
-
-class _Inert:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def _check_legacy_sizes(path: str) -> None:
-    """Zip-format files (torch >= 1.6, every RVC and Applio file) are checked tensor by
-    tensor after loading (:func:`_to_numpy`); a legacy file is checked here, before
-    torch.load, since loading it would already allocate what it declares."""
-    import zipfile
-
-    if zipfile.is_zipfile(path):
-        return
-    try:
-        with open(path, "rb") as fh:
-            # Every pickle here goes through the inert unpickler, the magic number too: a
-            # forged file's first pickle may as well be a call to os.system.
-            if _LegacyScan(fh).load() != _LEGACY_MAGIC:
-                return  # not a legacy torch file: torch.load gives its own error
-            for _ in range(2):  # protocol version, sys_info
-                _LegacyScan(fh).load()
-            scan = _LegacyScan(fh)
-            scan.load()
-    except Exception:  # garbage: torch.load reports it in the caller's terms
-        return
-    size = os.path.getsize(path)
-    if scan.declared > size:
-        raise _fail(path, f"legacy-format PyTorch file whose tensors declare {scan.declared:,} bytes, more "
-                          f"than the file holds ({size:,} bytes): truncated or forged; nothing was allocated")
+        return torchfile.load(path, inert=inert)
+    except torchfile.UnsafeGlobal as e:
+        raise fail(path, f"the file contains Python objects/code ({e.name}) that safe loading refuses; nothing "
+                         f"from it was executed, and {never}") from None
+    except torchfile.TorchFileError as e:
+        raise fail(path, str(e)) from None
+    except OSError as e:
+        raise fail(path, f"could not be read ({e.strerror or e})") from None
 
 
 def _json_safe(v: Any) -> Any:
@@ -246,41 +162,27 @@ def _jsonable(v: Any) -> bool:
 
 
 # What an RVC state dict holds: float tensors of at least one dimension (weights, biases,
-# LayerNorm gammas, relative-attention embeddings). bfloat16 is upcast (numpy has none).
-_FLOAT_DTYPES = (torch.float16, torch.float32, torch.float64, torch.bfloat16)
+# LayerNorm gammas, relative-attention embeddings). bfloat16 is upcast to float32.
+_FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
 
 
 def _to_numpy(path: str, where: str, sd: Any) -> dict[str, np.ndarray]:
     if not isinstance(sd, Mapping):
-        raise _fail(path, f"'{where}' should be a state dict (str -> tensor), got {type(sd).__name__}")
+        raise _fail(path, f"'{where}' should be a state dict (str -> tensor), got {torchfile.type_name(sd)}")
     out: dict[str, np.ndarray] = {}
-    # The declared sizes are checked before anything is copied: a tensor's shape and
-    # strides come from the pickle, so a tiny file can declare a [10^11] view with stride
-    # 0 over 4 bytes, which every numpy operation would then try to allocate.
-    budget = os.path.getsize(path)
-    declared = 0
     for k, v in sd.items():
         if not isinstance(k, str):
             raise _fail(path, f"'{where}' has a non-string key {k!r}")
-        if not isinstance(v, torch.Tensor):
-            raise _fail(path, f"{k}: expected a tensor in '{where}', got {type(v).__name__}")
-        if v.dtype not in _FLOAT_DTYPES:
-            raise _fail(path, f"{k} is a {str(v.dtype).replace('torch.', '')} tensor; a float tensor was "
+        if isinstance(v, torchfile.BadTensor):  # reaches past its stored bytes: nothing was allocated
+            raise _fail(path, f"{k} {v.reason}")
+        if not isinstance(v, np.ndarray):
+            raise _fail(path, f"{k}: expected a tensor in '{where}', got {torchfile.type_name(v)}")
+        if v.dtype.name not in _FLOAT_DTYPES:
+            raise _fail(path, f"{k} is a {v.dtype.name} tensor; a float tensor was "
                               f"expected (RVC state dicts hold only float weights)")
-        if v.dim() == 0:
+        if v.ndim == 0:
             raise _fail(path, f"{k} is a 0-d (scalar) tensor; RVC weights have at least one dimension")
-        nbytes = v.numel() * v.element_size()
-        if nbytes > v.untyped_storage().nbytes() - v.storage_offset() * v.element_size() or min(v.stride()) < 0:
-            raise _fail(path, f"{k} declares shape {list(v.shape)} with strides {list(v.stride())}, more than "
-                              f"its stored data holds ({v.untyped_storage().nbytes():,} bytes)")
-        declared += nbytes
-        if declared > budget:
-            raise _fail(path, f"{k}: the tensors declare more data ({declared:,} bytes so far) than the file "
-                              f"holds ({budget:,} bytes)")
-        t = v.detach().cpu()
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-            t = t.float()
-        out[k] = t.numpy()
+        out[k] = v.astype(np.float32) if v.dtype.name == "bfloat16" else v  # numpy has no bfloat16 maths
         if not np.all(np.isfinite(out[k])):
             raise _fail(path, f"{k} contains NaN or inf values")
     if not out:
@@ -334,9 +236,9 @@ def _layout(path: str, ckpt: dict) -> tuple[str, str]:
 def load_rvc_file(path: str | os.PathLike) -> RVCFile:
     """Read and identify an RVC ``.pth`` file (see module docstring). Raises :class:`RVCFileError`."""
     path = os.fspath(path)
-    ckpt = _torch_load(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
-        raise _fail(path, f"top level is a {type(ckpt).__name__}, expected a dict with 'model' "
+        raise _fail(path, f"top level is a {torchfile.type_name(ckpt)}, expected a dict with 'model' "
                           f"(pretrained / training checkpoint) or 'weight' + 'config' (inference model)")
     layout, sd_key = _layout(path, ckpt)
     sd = _to_numpy(path, sd_key, ckpt[sd_key])
@@ -349,7 +251,7 @@ def load_rvc_file(path: str | os.PathLike) -> RVCFile:
     metadata = {k: v for k, v in metadata.items() if _jsonable(v)}
     has_optimizer = "optimizer" in ckpt and ckpt["optimizer"] is not None
     if has_optimizer and not isinstance(ckpt["optimizer"], Mapping):
-        raise _fail(path, f"key 'optimizer' should be an optimizer state dict, got {type(ckpt['optimizer']).__name__}")
+        raise _fail(path, f"key 'optimizer' should be an optimizer state dict, got {torchfile.type_name(ckpt['optimizer'])}")
     claims = {str(k): v for k, v in ckpt.items() if k != sd_key}
     try:
         spec = families.detect(sd, claims, layout=layout, where=sd_key)
@@ -383,4 +285,4 @@ def to_flax(rvc_file: RVCFile, *, seed: int = 0) -> tuple[nnx.Module, dict]:
     return model, params
 
 
-__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "to_flax", "check_metadata"]
+__all__ = ["RVCFile", "RVCFileError", "LAYOUTS", "load_rvc_file", "read_checkpoint", "to_flax", "check_metadata"]

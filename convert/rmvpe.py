@@ -3,27 +3,29 @@
 The file is a bare ``state_dict`` of RVC's ``E2E(4, 1, (2, 2))`` (RVC loads it with a strict
 ``load_state_dict``): 741 tensors, including the batch-norm running statistics and their
 ``num_batches_tracked`` counters (dropped here: they only matter for training). It is read
-with ``torch.load(weights_only=True)``, so no code in it runs. The file's SHA-256 is
+with :func:`rvclora_convert.torchfile.load` (numpy only, a restricted unpickler), so no
+code in it runs. The file's SHA-256 is
 compared with the official one (:data:`~rvclora_jax.frontend.rmvpe.OFFICIAL_SHA256`); a
 different file is loaded anyway, with a warning (a re-saved or fine-tuned copy is legal).
 Anything else — an RVC voice model, a HuBERT checkpoint, a state dict missing keys — is
 an :class:`~rvclora_convert.pth.RVCFileError` whose one-line message names the file.
 
-This module imports torch; ``rvclora_jax`` itself does not.
+Nothing here needs torch.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import warnings
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 from flax import nnx
 
-from .pth import RVCFileError, _fail, _to_numpy, _torch_load
+from . import torchfile
+from .pth import RVCFileError, _fail, _to_numpy, read_checkpoint
 from rvclora_jax import families
 from rvclora_jax.families import DetectionError
 from rvclora_jax.frontend.rmvpe import OFFICIAL_SHA256, RMVPE, torch_layout
@@ -46,7 +48,7 @@ def sha256_of(path: str, chunk: int = 1 << 20) -> str:
 
 def _state_dict(path: str, obj: Any) -> Mapping:
     if not isinstance(obj, Mapping):
-        raise _fail(path, f"top level is a {type(obj).__name__}; RMVPE's rmvpe.pt is a state dict (str -> tensor)")
+        raise _fail(path, f"top level is a {torchfile.type_name(obj)}; RMVPE's rmvpe.pt is a state dict (str -> tensor)")
     keys = [str(k) for k in obj]
     if "weight" in obj and "config" in obj:
         raise _fail(path, "is an RVC voice model ('weight' + 'config'), not RMVPE's rmvpe.pt")
@@ -64,7 +66,7 @@ def _state_dict(path: str, obj: Any) -> Mapping:
 def load_rmvpe_state_dict(path: str | os.PathLike, *, check_hash: bool = True) -> tuple[dict[str, np.ndarray], Any]:
     """``(state_dict as numpy, spec)`` of an ``rmvpe.pt``; see the module docstring."""
     path = os.fspath(path)
-    obj = _torch_load(path)
+    obj = read_checkpoint(path, kind="rmvpe.pt file", never="RMVPE weight files never need this")
     sd = _state_dict(path, obj)
     bad = [k for k in sd if not isinstance(k, str)]
     if bad:
@@ -122,9 +124,9 @@ def save_rmvpe(model: RMVPE, path: str | os.PathLike, *, dtype=np.float32) -> st
     from rvclora_jax.fileio import atomic_write
 
     flat = flatten(nnx.to_pure_dict(nnx.state(model)))
-    sd = {tk: torch.from_numpy(np.array(to_torch(np.asarray(flat[fp], np.float32)), dtype))
-          for fp, (tk, _, to_torch) in torch_layout(model).items()}
-    return atomic_write(os.fspath(path), lambda tmp: torch.save(sd, tmp), suffix=".pt")
+    sd = collections.OrderedDict((tk, np.array(to_torch(np.asarray(flat[fp], np.float32)), dtype))
+                                 for fp, (tk, _, to_torch) in torch_layout(model).items())
+    return atomic_write(os.fspath(path), lambda tmp: torchfile.save(sd, tmp), suffix=".pt")
 
 
 __all__ = ["save_rmvpe", "load_rmvpe", "load_rmvpe_state_dict", "RMVPEHashWarning", "sha256_of", "RVCFileError"]

@@ -282,7 +282,9 @@ def test_disk_full_during_export_and_convert(good, tmp_path, capsys, monkeypatch
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
+    from rvclora_convert import torchfile
+
+    monkeypatch.setattr(torchfile, "save", full)  # the .pth writer
     out = str(tmp_path / "out.pth")
     refused(capsys, ["export", good["path"], out], out, "No space left", inputs=[good["path"]], out=out)
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
