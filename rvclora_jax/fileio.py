@@ -4,7 +4,6 @@ file of bounded size, never a FIFO, device or directory)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import stat
 import tempfile
@@ -73,9 +72,3 @@ def atomic_write(path: str, write: Callable[[str], object], *, suffix: str = "")
             os.unlink(tmp)
         raise
     return path
-
-
-def require_torch(what: str = "reading and writing .pth files") -> None:
-    """A clear error when the optional torch extra is missing (without importing torch)."""
-    if importlib.util.find_spec("torch") is None:
-        raise ValueError(f"{what} needs PyTorch: pip install 'rvclora-jax[torch]'")

@@ -1,5 +1,5 @@
 """``rvclora inspect``, ``rvclora convert`` and ``rvclora export``: the RVC ``.pth`` side,
-all through ``rvclora_convert`` (imported inside the handlers: it needs torch)."""
+all through ``rvclora_convert`` (imported inside the handlers, the composition root)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import shutil
 import tempfile
 
-from ..fileio import require_torch
 from . import _args as A
 from ._outputs import add_overwrite, guard
 
@@ -31,7 +30,6 @@ def _json_safe(x):
 
 
 def _cmd_inspect(args) -> int:
-    require_torch()
     import json
 
     from rvclora_convert.pth import load_rvc_file
@@ -70,7 +68,6 @@ def _adapter_inputs(adapter: str | None) -> list[str]:
 
 
 def _cmd_convert(args) -> int:
-    require_torch()
     g = guard([args.file], dirs=[args.out_dir], overwrite=args.overwrite)
     with g.cleanup_on_failure():
         return _convert(args)
@@ -99,7 +96,6 @@ def _convert(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    require_torch()
     if args.adapter is None and args.scale is not None:
         raise ValueError("--scale needs --adapter (without an adapter there is nothing to scale)")
     g = guard([args.source] + _adapter_inputs(args.adapter), files=[args.out], overwrite=args.overwrite)

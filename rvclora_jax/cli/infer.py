@@ -83,14 +83,12 @@ def _cmd_infer(args) -> int:
 def build_converter(args, specs):
     """The :class:`~rvclora_jax.pipeline.VoiceConverter` the flags describe (every model file
     loaded and checked)."""
-    from ..fileio import require_torch
     from ..frontend.pitch import pitch_method
     from ..models.synthesizer import INFER_NOISE_SCALE
     from ..pipeline import PipelineConfig, VoiceConverter
     from . import prepare as P  # registers the rmvpe/fcpe loaders
     from .render import load_voice
 
-    require_torch("reading .pth files")
     synth, src = load_voice(args.model, specs, run_scale=1.0)
     version = synth.version
     output = args.hubert_output or version

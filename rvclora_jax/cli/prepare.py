@@ -47,7 +47,7 @@ def _load(module: str, name: str):
     try:
         return getattr(importlib.import_module(module), name)
     except ImportError as e:
-        raise ValueError(f"{module}.{name} is not available ({e}); reinstall rvclora-jax[torch]") from None
+        raise ValueError(f"{module}.{name} is not available ({e}); reinstall rvclora-jax") from None
 
 
 def _rmvpe_factory(model_path: str | None = None):
@@ -107,7 +107,6 @@ def run_prepare(raw_dir: str, out: str, *, hubert: str, sr="40k", version: str =
     """Load the models named by the flags, then :func:`rvclora_jax.frontend.prepare.prepare`
     (the whole of ``rvclora prepare``; ``rvclora train --data RAW_DIR`` can call it into its
     run directory). Returns the :class:`~rvclora_jax.frontend.prepare.PrepareResult`."""
-    from ..fileio import require_torch
     from ..frontend.pitch import pitch_method
     from ..frontend.prepare import parse_sr, prepare
 
@@ -131,7 +130,6 @@ def run_prepare(raw_dir: str, out: str, *, hubert: str, sr="40k", version: str =
         raise ValueError(f"--hubert-output {output} gives {output[:2]} features, but --version is {version}")
     # Load the models (and fail on a wrong file) before any recording is touched.
     _require_model(hubert, "--hubert", "content features (hubert_base.pt or a ContentVec folder)")
-    require_torch("loading the HuBERT/ContentVec and pitch model files")
     features_fn = content_features(hubert, output)
     features_key = f"hubert:{_file_key(hubert)}:{output}"
     pitch_fn = pitch_key = None

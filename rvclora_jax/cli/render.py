@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 
-from ..fileio import require_torch
 from ..models.synthesizer import INFER_NOISE_SCALE
 from . import _args as A
 from ._outputs import add_overwrite, guard
@@ -61,7 +60,6 @@ def load_voice(path: str, specs: list[tuple[str, float]], *, run_scale: float = 
     first mixed exactly (:func:`rvclora_jax.adapters.mix`, the rank-concatenating sum
     ``Σ w_j·ΔW_j`` that ``rvclora adapters mix`` writes), then merged at scale 1, so A/B-ing
     a blend needs no exported file. A RUN_DIR brings its own adapter (at ``run_scale``)."""
-    require_torch("reading .pth files")
     from rvclora_convert.export import load_source, merge_adapter
 
     from .. import adapters

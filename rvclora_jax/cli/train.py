@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 
-from ..fileio import require_torch
 from . import _args as A
 from ._outputs import add_overwrite, guard
 from .convert import describe_source
@@ -118,7 +117,6 @@ def _load(path: str, kind: str, flag: str, example: str):
 
 
 def _cmd_train(args) -> int:
-    require_torch()
     import time
 
     from .. import distributed
