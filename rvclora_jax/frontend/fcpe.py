@@ -222,11 +222,13 @@ class GroupNorm(nnx.Module):
         x, w, b = promote_dtype((x, self.weight[...], self.bias[...]), dtype=self.dtype)
         bsz, t, c = x.shape
         xs = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(bsz, t, self.num_groups, c // self.num_groups)
-        m = jnp.ones((bsz, t), xs.dtype) if mask is None else mask.astype(xs.dtype)
+        m = jnp.ones((bsz, t), bool) if mask is None else mask.astype(bool)
         m = m[:, :, None, None]
-        count = jnp.maximum(jnp.sum(m, axis=(1, 3), keepdims=True) * (c // self.num_groups), 1.0)
-        mean = jnp.sum(xs * m, axis=(1, 3), keepdims=True) / count
-        var = jnp.sum(jnp.square((xs - mean) * m), axis=(1, 3), keepdims=True) / count  # biased, as torch
+        count = jnp.maximum(jnp.sum(m, axis=(1, 3), keepdims=True) * (c // self.num_groups), 1).astype(xs.dtype)
+        # jnp.where, not a multiply by a float mask: XLA's CPU reductions over ``xs * m``
+        # with a broadcast mask are many times slower (see hubert.ChannelGroupNorm)
+        mean = jnp.sum(jnp.where(m, xs, 0), axis=(1, 3), keepdims=True) / count
+        var = jnp.sum(jnp.where(m, jnp.square(xs - mean), 0), axis=(1, 3), keepdims=True) / count  # biased
         y = ((xs - mean) * jax.lax.rsqrt(var + self.eps)).reshape(bsz, t, c).astype(x.dtype)
         return y * w + b
 

@@ -162,10 +162,12 @@ class ChannelGroupNorm(nnx.Module):
             mean = jnp.mean(xs, 1, keepdims=True)
             var = jnp.mean(jnp.square(xs - mean), 1, keepdims=True)
         else:
-            m = mask.astype(xs.dtype)
-            count = jnp.maximum(jnp.sum(m, 1, keepdims=True), 1.0)
-            mean = jnp.sum(xs * m, 1, keepdims=True) / count
-            var = jnp.sum(jnp.square(xs - mean) * m, 1, keepdims=True) / count
+            # jnp.where, not a multiply by a float mask: XLA's CPU reduction over
+            # ``xs * m[B, T, 1]`` ran 24x slower (240 vs 10 ms for one 3.7 s clip's
+            # 11840 x 512 frames), which was 40% of a batch-1 HuBERT call
+            count = jnp.maximum(jnp.sum(mask, 1, keepdims=True), 1).astype(xs.dtype)
+            mean = jnp.sum(jnp.where(mask, xs, 0), 1, keepdims=True) / count
+            var = jnp.sum(jnp.where(mask, jnp.square(xs - mean), 0), 1, keepdims=True) / count
         return ((xs - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype) * w + b
 
 
