@@ -27,7 +27,7 @@ as empty modules so the list indices match.
 
 Life cycle::
 
-    model = rvclora_convert.fcpe.load_fcpe("fcpe_c_v001.pt")   # torch side: weights_only load
+    model = rvclora_convert.fcpe.load_fcpe("fcpe_c_v001.pt")   # read in numpy (no torch)
     pitch = FCPEPitch(model)                                     # RVC's settings: local_argmax, 0.006
     f0 = pitch(wav16k)                                           # (N//160 + 1,) Hz, 0 = unvoiced
     f0s = pitch.batch([wav_a, wav_b, ...])                      # bucketed, jit-compiled per bucket
