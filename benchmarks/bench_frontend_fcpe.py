@@ -34,6 +34,66 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def import_torchfcpe():
+    """``import torchfcpe``; when no torchaudio is installed (torchfcpe imports its
+    ``Resample`` at import time), with the tests' stand-in for it, removed again after."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchaudio") is not None:
+        import torchfcpe
+        return torchfcpe
+    from tests.torchaudio_stub import install, remove
+
+    install()
+    try:
+        import torchfcpe
+    finally:
+        remove()
+    return torchfcpe
+
+
+def torch_reference(device: str = "cpu"):
+    """torchfcpe's own factory, as RVC (rtrvc.py) and Applio call it: the bundled
+    ``fcpe_c_v001.pt`` on ``device``."""
+    return import_torchfcpe().spawn_bundled_infer_model(device=device)
+
+
+def torch_f0(ref, wav):
+    """RVC's call on a ``[B, N]`` float32 tensor: f0 ``[B, N//160 + 1]`` (on the model's device)."""
+    return ref.infer(wav, sr=16000, decoder_mode="local_argmax", threshold=0.006)[..., 0]
+
+
+def torch_salience(ref, wavs) -> list:
+    """torchfcpe's salience (sigmoid of ``output_proj``, caught with a hook) of equal-length
+    clips run as one batch by :func:`torch_f0`, per clip ``[T, 360]`` float32 numpy."""
+    import torch
+
+    seen = {}
+    hook = ref.model.output_proj.register_forward_hook(lambda mod, args, out: seen.__setitem__("logits", out))
+    try:
+        with torch.no_grad():
+            torch_f0(ref, torch.from_numpy(np.stack(wavs)))
+    finally:
+        hook.remove()
+    return list(torch.sigmoid(seen["logits"]).float().cpu().numpy())
+
+
+def jax_pitch(checkpoint: str | None = None, config=None, max_batch: int = 8):
+    """The port's ``FCPEPitch`` (RVC's settings): on ``checkpoint``'s weights, or, without
+    one, a random-weight ``FCPE(config)`` (default: the bundled model's architecture)."""
+    from rvclora_jax.frontend.fcpe import FCPEPitch
+
+    if checkpoint:
+        from rvclora_convert.fcpe import load_fcpe
+
+        return FCPEPitch(load_fcpe(checkpoint), max_batch=max_batch)
+    from flax import nnx
+
+    from rvclora_jax.frontend.fcpe import FCPE, FCPEConfig
+
+    return FCPEPitch(FCPE(config or FCPEConfig(), rngs=nnx.Rngs(0)), max_batch=max_batch)
+
+
 def worker(framework: str, batch: int, repeats: int) -> dict:
     import soundfile as sf
 
@@ -41,26 +101,21 @@ def worker(framework: str, batch: int, repeats: int) -> dict:
     assert sr == 16000
     xs = [x] * batch
     if framework == "jax":
-        from rvclora_convert.fcpe import bundled_checkpoint, load_fcpe
-        from rvclora_jax.frontend.fcpe import FCPEPitch
+        from rvclora_convert.fcpe import bundled_checkpoint
 
-        pitch = FCPEPitch(load_fcpe(bundled_checkpoint()), max_batch=max(8, batch))
+        pitch = jax_pitch(bundled_checkpoint(), max_batch=max(8, batch))
 
         def call():
             return pitch.batch(xs)
     else:
-        from tests.torchaudio_stub import install
-
-        install()
         import torch
-        import torchfcpe
 
         torch.set_grad_enabled(False)
-        ref = torchfcpe.spawn_bundled_infer_model(device="cpu")
+        ref = torch_reference("cpu")
         wav = torch.from_numpy(np.stack(xs))
 
         def call():
-            return ref.infer(wav, sr=16000, decoder_mode="local_argmax", threshold=0.006)
+            return torch_f0(ref, wav)
 
     t0 = _cpu()
     w0 = time.perf_counter()

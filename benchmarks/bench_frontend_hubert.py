@@ -30,11 +30,70 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def worker(framework: str, batch: int, seconds: float, reps: int) -> dict:
+def clips(batch: int, seconds: float, seed: int = 0):
+    """``batch`` clips of ``seconds`` at 16 kHz: white noise at 0.1 (speed and parity do
+    not depend on the content), float32 ``[batch, N]``."""
     import numpy as np
 
     n = int(round(seconds * 16000))
-    wavs = (np.random.default_rng(0).standard_normal((batch, n)) * 0.1).astype(np.float32)
+    return (np.random.default_rng(seed).standard_normal((batch, n)) * 0.1).astype(np.float32)
+
+
+def tiny_hf_config():
+    """A small HuBERT with hubert-base's conv geometry (so frame counts are the real ones)
+    and two layers: for CPU dry runs (tests/test_hubert.py uses the same widths)."""
+    from transformers import HubertConfig
+
+    return HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+
+
+def same_weight_pair(config=None, *, seed: int = 0):
+    """``(transformers.HubertModel, rvclora_jax Hubert)`` holding the same random weights
+    (default: hubert-base's real config). The HF model's LayerNorm/GroupNorm gains and the
+    biases are randomised too (HF initialises them to 1 and 0, which would not test their
+    mapping); the weights move as tests/test_hubert.py moves them: the positional conv's
+    weight norm folded, then the hubert family's key map."""
+    import torch
+    from transformers import HubertConfig, HubertModel
+
+    from rvclora_convert.hubert import fold_pos_conv
+    from rvclora_convert.state_dict import torch_to_flax
+    from rvclora_jax import families
+
+    config = config or HubertConfig()
+    torch.manual_seed(seed)
+    hf = HubertModel(config).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    fam = families.get("hubert")
+    sd = fold_pos_conv({k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()
+                        if k != "masked_spec_embed"})
+    spec = fam.detect(sd, {"num_heads": config.num_attention_heads, "layer_norm_eps": config.layer_norm_eps},
+                      layout="hf")
+    return hf, fam.materialize(spec, torch_to_flax(fam.abstract(spec), sd))
+
+
+def torch_features(model, wavs, device=None):
+    """HF's features of a ``[B, N]`` batch of equal-length clips (the input moved to the
+    model's device and the result back to the host, as the JAX extractor does):
+    ``last_hidden_state``, RVC v2's layer 12 for hubert-base, as float32 ``[B, T, C]``."""
+    import torch
+
+    x = torch.from_numpy(wavs)
+    if device is not None:
+        x = x.to(device)
+    with torch.inference_mode():
+        return model(x).last_hidden_state.float().cpu().numpy()
+
+
+def worker(framework: str, batch: int, seconds: float, reps: int) -> dict:
+    wavs = clips(batch, seconds)
     if framework == "torch":
         import torch
         from transformers import HubertConfig, HubertModel
@@ -42,21 +101,19 @@ def worker(framework: str, batch: int, seconds: float, reps: int) -> dict:
         torch.set_num_threads(os.cpu_count() or 1)
         torch.manual_seed(0)
         model = HubertModel(HubertConfig()).eval()
-        x = torch.from_numpy(wavs)
 
         def call():
-            with torch.inference_mode():
-                return model(x).last_hidden_state.numpy()
+            return torch_features(model, wavs)
     else:
         from flax import nnx
 
         from rvclora_jax.frontend.hubert import ContentFeatures, Hubert, HubertConfig
 
         feats = ContentFeatures(Hubert(HubertConfig(), rngs=nnx.Rngs(0)), "v2", batch_size=batch)
-        clips = list(wavs)
+        clip_list = list(wavs)
 
         def call():
-            return feats.batch(clips)
+            return feats.batch(clip_list)
 
     t0, c0 = time.perf_counter(), _cpu()
     call()

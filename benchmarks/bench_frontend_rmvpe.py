@@ -5,7 +5,8 @@ Usage::
     python benchmarks/bench_frontend_rmvpe.py [--model rmvpe.pt] [--seconds 2] [--rounds 3] [--reps 2]
 
 Without ``--model`` a full-size ``E2E(4, 1, (2, 2))`` with random weights (RVC's layout,
-90 M parameters) is written to a temporary file; speed does not depend on the values.
+90 M parameters, random batch-norm statistics) is written to a temporary file; speed does
+not depend on the values.
 
 What is timed, per call, after one warm-up call (which includes jit compilation):
 
@@ -37,7 +38,9 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _clips(batch: int, seconds: float):
+def clips(batch: int, seconds: float):
+    """``batch`` clips of ``seconds`` at 16 kHz: five harmonics on an exponential f0 sweep
+    (a different start per clip) plus a little noise, float32."""
     import numpy as np
     sr = 16000
     t = np.arange(int(seconds * sr)) / sr
@@ -51,9 +54,81 @@ def _clips(batch: int, seconds: float):
     return out
 
 
+# A reduced U-Net (3 levels, 2 blocks, 1 intermediate block, 4 channels; the same mel front
+# end, BiGRU and head) for CPU dry runs: tests/test_rmvpe.py's TINY.
+TINY = dict(n_blocks=2, en_de_layers=3, inter_layers=1, en_out_channels=4)
+
+
 def _cpu() -> float:
     r = os.times()
     return r.user + r.system
+
+
+def _e2e(config: dict | None):
+    from rvc.lib.rmvpe import E2E
+    if not config:
+        return E2E(4, 1, (2, 2))  # what RVC's RMVPE builds for rmvpe.pt
+    return E2E(config["n_blocks"], 1, (2, 2), config["en_de_layers"], config["inter_layers"], 1,
+               config["en_out_channels"])
+
+
+def write_fake(path: str, config: dict | None = None, seed: int = 0) -> None:
+    """An ``rmvpe.pt`` in RVC's layout with random weights (``config``: None for the shipped
+    ``E2E(4, 1, (2, 2))``, or :data:`TINY`). The batch norms get random affine parameters
+    and running statistics, so a parity check also covers their folding."""
+    import torch
+    torch.manual_seed(seed)
+    m = _e2e(config)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.num_batches_tracked.fill_(1000)
+    torch.save(m.eval().state_dict(), path)
+
+
+
+def rvc_reference(path: str, device: str = "cpu", config: dict | None = None):
+    """RVC's own ``RMVPE(path, is_half=False, device=device)`` (its mel extractor, strict
+    load, cents table); with ``config`` its ``E2E(4, 1, (2, 2))`` is swapped for that
+    layout while the constructor runs (as tests/test_rmvpe.py does)."""
+    from rvc.lib import rmvpe as R
+    if not config:
+        return R.RMVPE(path, is_half=False, device=device)
+    real = R.E2E
+
+    def reduced(*_):
+        R.E2E = real  # E2E.__init__ names its own class (super(E2E, self))
+        return _e2e(config)
+
+    R.E2E = reduced
+    try:
+        return R.RMVPE(path, is_half=False, device=device)
+    finally:
+        R.E2E = real
+
+
+def torch_pitch(ref, wavs, thred: float = 0.03):
+    """``(salience list, f0 list)`` of equal-length clips with RVC's ``RMVPE``: its mel
+    extractor and ``mel2hidden`` on the stacked batch, its decoder per clip. For one clip
+    this is ``infer_from_audio(wav, thred)`` step by step (salience kept); for more, the
+    torch model batched (a stronger baseline than RVC's one clip at a time)."""
+    import numpy as np
+    import torch
+    with torch.no_grad():
+        mel = ref.mel_extractor(torch.from_numpy(np.stack(wavs)).float().to(ref.device), center=True)
+        hidden = ref.mel2hidden(mel).float().cpu().numpy()
+    return list(hidden), [ref.decode(h, thred=thred) for h in hidden]
+
+
+def jax_pitch(pitch, wavs):
+    """``(salience list, f0 list)`` with the port: ``RMVPEPitch.batch`` (one batch of all
+    the clips) with the salience kept."""
+    sal = pitch.batch_salience(wavs, batch_size=len(wavs))
+    return sal, [pitch.decode(s) for s in sal]
 
 
 def worker(framework: str, model: str, batch: int, seconds: float, reps: int, threads: int | None = None) -> dict:
@@ -61,22 +136,17 @@ def worker(framework: str, model: str, batch: int, seconds: float, reps: int, th
     if threads and framework == "jax":  # before jax is imported
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
                                    f" intra_op_parallelism_threads={threads}").strip()
-    wavs = _clips(batch, seconds)
+    wavs = clips(batch, seconds)
     if framework == "torch":
-        import numpy as np
         import torch
-        from rvc.lib.rmvpe import RMVPE
         if threads:
             torch.set_num_threads(threads)
-        ref = RMVPE(model, is_half=False, device="cpu")
+        ref = rvc_reference(model)
 
         def run():
             if batch == 1:
                 return [ref.infer_from_audio(wavs[0], thred=0.03)]
-            with torch.no_grad():
-                mel = ref.mel_extractor(torch.from_numpy(np.stack(wavs)), center=True)
-                hidden = ref.mel2hidden(mel).numpy()
-            return [ref.decode(h, thred=0.03) for h in hidden]
+            return torch_pitch(ref, wavs)[1]
         threads = torch.get_num_threads()
     else:
         from rvclora_convert.rmvpe import load_rmvpe
@@ -84,7 +154,7 @@ def worker(framework: str, model: str, batch: int, seconds: float, reps: int, th
         pitch = RMVPEPitch(load_rmvpe(model, check_hash=False))
 
         def run():
-            return [pitch(wavs[0])] if batch == 1 else pitch.batch(wavs, batch_size=batch)
+            return [pitch(wavs[0])] if batch == 1 else jax_pitch(pitch, wavs)[1]
         threads = threads or os.cpu_count()
     w0, c0 = time.perf_counter(), _cpu()
     run()
@@ -97,13 +167,6 @@ def worker(framework: str, model: str, batch: int, seconds: float, reps: int, th
         cpus.append(_cpu() - c0)
     return dict(framework=framework, batch=batch, wall=statistics.median(walls), cpu=statistics.median(cpus),
                 first_wall=first[0], first_cpu=first[1], threads=threads)
-
-
-def _write_fake(path: str) -> None:
-    import torch
-    from rvc.lib.rmvpe import E2E
-    torch.manual_seed(0)
-    torch.save(E2E(4, 1, (2, 2)).eval().state_dict(), path)
 
 
 def main() -> None:
@@ -125,7 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = a.model or os.path.join(tmp, "rmvpe.pt")
         if not a.model:
-            _write_fake(model)
+            write_fake(model)
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, ".pyshim"), env.get("PYTHONPATH", "")])
         results: dict[tuple[str, int], list[dict]] = {}

@@ -22,17 +22,28 @@ PyTorch with random weights and load the same weights into the JAX models → me
    forward hooks on the PyTorch models): forward, input gradient and weight gradient, JAX
    (the project's own layers, jit) vs torch, flagging any JAX op more than 2× slower;
 4. ``rvclora infer``'s pipeline vs RVC's ``Pipeline.pipeline`` on a 30 s input
-   (``bench_vc.py``'s files: first and steady conversion, real-time factor).
+   (``bench_vc.py``'s files: first and steady conversion, real-time factor);
+5. the front end (``bench_frontend_{hubert,rmvpe,fcpe}.py``'s builders), each model with the
+   same random weights on both sides: HuBERT base content features (real hubert-base config,
+   v2 = layer 12) vs ``transformers.HubertModel`` on 3.7 s clips; RMVPE vs RVC's
+   ``rvc.lib.rmvpe`` (full-size ``E2E(4, 1, (2, 2))``, random batch-norm statistics) on 2 s
+   clips; FCPE vs torchfcpe's bundled model on 2 s clips when torchfcpe imports (else the
+   JAX port alone, random weights in the bundled architecture, as the row's note says):
+   forward parity (max |Δ| of the features / salience, fp32 as in 1.), then at batch 1 and
+   batch 8 the first call (JAX: compilation included) and the median of ``--frontend-reps``
+   steady calls, each wav in → features / f0 out on the host, decoding included.
 
 Prints ONE table (``section | item | jax | torch | torch/jax | note``) and, with ``--json``,
 writes the same rows to a file. A failing row is reported in the table, not raised, so one
 unsupported path does not hide the others. Budget: about 5 minutes on one GPU at the
-default sizes (``--quick`` trims the conv list to the slowest-looking kinds).
+default sizes (``--conv-limit`` trims the conv list to the largest ones; ``--skip`` drops
+sections, or single front-end models: ``hubert``, ``rmvpe``, ``fcpe``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -49,12 +60,18 @@ _CONVERT = os.path.join(ROOT, "convert")
 
 ROWS: list[dict] = []
 NOTES: list[str] = []
+PRETEND_MISSING: set[str] = set()  # --pretend-missing: modules treated as not installed
+FRONTEND_PARTS = ("hubert", "rmvpe", "fcpe")
+
+
+def _importable(name: str) -> bool:
+    return name not in PRETEND_MISSING and importlib.util.find_spec(name) is not None
 
 
 def row(section, item, jax_v=None, torch_v=None, note="", unit=""):
     ratio = None
     if isinstance(jax_v, (int, float)) and isinstance(torch_v, (int, float)) and jax_v and section in (
-            "step", "conv", "compile", "infer"):
+            "step", "conv", "compile", "infer", "frontend"):
         ratio = torch_v / jax_v
     ROWS.append({"section": section, "item": item, "jax": jax_v, "torch": torch_v, "ratio": ratio,
                  "note": note, "unit": unit})
@@ -104,7 +121,7 @@ def setup_environment(args):
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    have = {m: importlib.util.find_spec(m) is not None for m in ("torch", "rvc", "librosa")}
+    have = {m: _importable(m) for m in ("torch", "rvc", "librosa", "transformers", "torchfcpe")}
     if not have["rvc"]:
         wheels = os.path.join(ROOT, "benchmarks", "wheels")
         for f in sorted(os.listdir(wheels)) if os.path.isdir(wheels) else []:
@@ -115,8 +132,9 @@ def setup_environment(args):
                 break
     if have["rvc"] and not have["librosa"]:
         _stub_librosa()
-        NOTES.append("librosa missing: stubbed (rvc.lib.train.mel_processing only needs librosa.filters.mel; "
-                     "the stand-in is rvclora_jax.audio.mel_filterbank, Slaney like librosa's)")
+        NOTES.append("librosa missing: stubbed (rvc needs librosa.filters.mel: the stand-in is rvclora_jax's "
+                     "Slaney bank, or with htk=True (rvc.lib.rmvpe) the RMVPE port's HTK bank, both equal to "
+                     "librosa's; rvc.lib.rmvpe's librosa.util import gets empty names, its STFT is not used)")
     if not have["torch"]:
         NOTES.append("torch missing: every PyTorch column is skipped")
     elif not have["rvc"]:
@@ -126,17 +144,39 @@ def setup_environment(args):
 
 
 def _stub_librosa():
+    """``librosa`` as far as rvc's modules use it: ``filters.mel`` (Slaney, or HTK with
+    ``htk=True`` as ``rvc.lib.rmvpe``'s mel extractor asks; both tested equal to librosa's)
+    and the names ``rvc.lib.rmvpe`` imports from ``librosa.util``. The modules carry a
+    ``__spec__``: ``import transformers`` asks ``importlib.util.find_spec("librosa")``, which
+    raises for a module in ``sys.modules`` without one."""
+    import importlib.machinery
+
     from rvclora_jax.audio import mel_filterbank
+    from rvclora_jax.frontend.rmvpe import mel_filterbank as htk_mel_filterbank
 
-    lib = types.ModuleType("librosa")
-    filters = types.ModuleType("librosa.filters")
+    def module(name, package=False):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+        return m
 
-    def mel(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, **_):
-        return mel_filterbank(sr, n_fft, n_mels, fmin, fmax)
+    lib, filters, util = module("librosa", True), module("librosa.filters"), module("librosa.util")
+
+    def mel(*, sr, n_fft, n_mels=128, fmin=0.0, fmax=None, htk=False, norm="slaney", dtype=None):
+        if norm != "slaney":
+            raise NotImplementedError(f"device_check's librosa stand-in: filters.mel(norm={norm!r})")
+        if htk:
+            bank = htk_mel_filterbank(sr, n_fft, n_mels, fmin, sr / 2.0 if fmax is None else fmax)
+        else:
+            bank = mel_filterbank(sr, n_fft, n_mels, fmin, fmax)
+        return bank if dtype is None else bank.astype(dtype)
 
     filters.mel = mel
     lib.filters = filters
-    sys.modules["librosa"], sys.modules["librosa.filters"] = lib, filters
+    # rvc.lib.rmvpe's import line (from librosa.util import normalize, pad_center, tiny): only
+    # its STFT class uses them; RMVPE's mel extractor is torch.stft and the bank above
+    util.normalize = util.pad_center = util.tiny = None
+    lib.util = util
+    sys.modules["librosa"], sys.modules["librosa.filters"], sys.modules["librosa.util"] = lib, filters, util
 
 
 def describe_devices(have):
@@ -564,6 +604,190 @@ def infer_section(tiny, dev):
         note="" if j["out_samples"] == t["out_samples"] else "LENGTHS DIFFER")
 
 
+# ------------------------------------------------------------------- 5. front end
+
+
+def _first_and_steady(call, reps):
+    """``(first call s, median of reps calls s, the first call's result)``. Every call ends
+    with its results on the host (numpy), so no separate device sync is needed."""
+    t0 = time.perf_counter()
+    out = call()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times), out
+
+
+def _frontend_model(item, what, label, jax_call, torch_call, batches, reps, compare, dev, ref_note=""):
+    """Time ``jax_call(B)`` / ``torch_call(B)`` (None: no reference) at each batch size and
+    report; ``compare(B, jax_out, torch_out) -> [(ours, theirs), ...]`` are the arrays whose
+    max |Δ| is the parity row (over every clip of every batch size)."""
+    import numpy as np
+
+    err, scale, n, res = 0.0, 0.0, 0, {}
+    for B in batches:
+        jf, js, jo = _first_and_steady(lambda: jax_call(B), reps)
+        tf = ts = None
+        if torch_call is not None:
+            tf, ts, to = _first_and_steady(lambda: torch_call(B), reps)
+            for a, b in compare(B, jo, to):
+                a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+                if a.shape != b.shape:
+                    raise ValueError(f"{item} B={B}: shapes differ, jax {a.shape} vs torch {b.shape}")
+                err, scale, n = max(err, float(np.abs(a - b).max())), max(scale, float(np.abs(b).max())), n + 1
+        res[B] = (jf, js, tf, ts)
+    if torch_call is not None:
+        row("frontend", f"{item}: {what} max|d|", err, None, unit="err",
+            note=f"rel {err / max(scale, 1e-12):.1e}; {n} clips, {label}; fp32, TF32 off, precision=highest")
+    for B, (jf, js, tf, ts) in res.items():
+        row("frontend", f"{item} B={B}: first call", jf, tf, unit="s",
+            note="jax: includes compile" + ("; torch: cuDNN autotune" if tf is not None and dev.type == "cuda" else "")
+            + ref_note)
+        row("frontend", f"{item} B={B}: steady", js * 1e3, None if ts is None else ts * 1e3, unit="ms",
+            note=f"median of {reps}; {label}{ref_note}")
+
+
+def _frontend_hubert(tiny, dev, have, batches, reps):
+    import bench_frontend_hubert as BH
+
+    from rvclora_jax.frontend.hubert import ContentFeatures
+
+    seconds = 0.5 if tiny else 3.7
+    hf = None
+    if have["torch"] and have["transformers"]:
+        hf, jm = BH.same_weight_pair(BH.tiny_hf_config() if tiny else None)
+        hf = hf.to(dev)
+        attn = getattr(hf.config, "_attn_implementation", None)
+        ref_note = f"; HF attention: {attn}" if attn else ""
+    else:
+        from flax import nnx
+
+        from rvclora_jax.frontend.hubert import Hubert, HubertConfig
+
+        cfg = HubertConfig()
+        if tiny:
+            cfg = HubertConfig(conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 4 + ((32, 2, 2),) * 2, hidden_size=32,
+                               num_layers=2, num_heads=4, intermediate_size=64, conv_pos=16, conv_pos_groups=4)
+        jm = Hubert(cfg, rngs=nnx.Rngs(0))
+        ref_note = "; no torch/transformers: JAX only, random weights"
+    feats = ContentFeatures(jm, "v2", batch_size=max(batches))
+    wavs = BH.clips(max(batches), seconds)
+    _frontend_model(
+        "hubert" + ("" if tiny else "-base") + " v2 (layer 12)", "features",
+        f"{seconds:g} s clips" + (", TINY (32 wide, 2 layers)" if tiny else ""),
+        lambda B: feats.batch(list(wavs[:B])),
+        None if hf is None else (lambda B: BH.torch_features(hf, wavs[:B], dev)),
+        batches, reps, lambda B, jo, to: zip(jo, to), dev, ref_note)
+    del hf, jm, feats
+
+
+def _frontend_rmvpe(tiny, dev, have, batches, reps):
+    import tempfile
+    import warnings
+
+    import bench_frontend_rmvpe as BR
+
+    from rvclora_jax.frontend.rmvpe import RMVPEPitch
+
+    seconds = 0.5 if tiny else 2.0
+    layout = BR.TINY if tiny else None
+    ref = None
+    if have["torch"] and have["rvc"]:
+        from rvclora_convert.rmvpe import load_rmvpe
+
+        with tempfile.TemporaryDirectory(prefix="device_check_rmvpe_") as tmp:
+            path = os.path.join(tmp, "rmvpe.pt")
+            BR.write_fake(path, layout)
+            ref = BR.rvc_reference(path, str(dev), layout)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # not the official rmvpe.pt: of course
+                model = load_rmvpe(path, check_hash=False)
+        ref_note = ""
+    else:
+        from flax import nnx
+
+        from rvclora_jax.frontend.rmvpe import RMVPE, RMVPEConfig
+
+        model = RMVPE(RMVPEConfig(**layout) if layout else RMVPEConfig(), rngs=nnx.Rngs(0))
+        ref_note = "; no torch/rvc: JAX only, random weights"
+    pitch = RMVPEPitch(model, batch_size=max(batches))
+    wavs = BR.clips(max(batches), seconds)
+    _frontend_model(
+        "rmvpe", "salience", f"{seconds:g} s clips" + (", TINY U-Net" if tiny else "") + ", f0 decoded",
+        lambda B: BR.jax_pitch(pitch, wavs[:B]),
+        None if ref is None else (lambda B: BR.torch_pitch(ref, wavs[:B])),
+        batches, reps, lambda B, jo, to: zip(jo[0], to[0]), dev, ref_note)
+    del ref, model, pitch
+
+
+def _frontend_fcpe(tiny, dev, have, batches, reps):
+    import numpy as np
+
+    import bench_frontend_fcpe as BF
+    from bench_frontend_rmvpe import clips
+
+    seconds = 0.5 if tiny else 2.0
+    ref, why = None, ""
+    if not have["torch"]:
+        why = "torch missing"
+    elif not have["torchfcpe"]:
+        why = "torchfcpe not installed"
+    else:
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # torchfcpe prints [INFO] lines: keep stdout the table's
+                ref = BF.torch_reference(str(dev))
+        except Exception as e:  # noqa: BLE001 - then the JAX side alone
+            why = f"torchfcpe not importable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+    wavs = clips(max(batches), seconds)
+    if ref is not None:
+        from rvclora_convert.fcpe import bundled_checkpoint
+
+        pitch = BF.jax_pitch(bundled_checkpoint(), max_batch=max(batches))
+        label, ref_note = f"{seconds:g} s clips, bundled fcpe_c_v001.pt both sides", ""
+        import torch
+
+        def torch_call(B):
+            return BF.torch_f0(ref, torch.from_numpy(np.stack(wavs[:B]))).float().cpu().numpy()
+
+        def compare(B, jo, to):  # the salience: one more call each side (the programs are compiled)
+            return zip((t[2] for t in pitch.analyse_batch(wavs[:B])), BF.torch_salience(ref, wavs[:B]))
+    else:
+        from rvclora_jax.frontend.fcpe import FCPEConfig
+
+        pitch = BF.jax_pitch(None, FCPEConfig(hidden_dims=32, n_layers=1) if tiny else None,
+                             max_batch=max(batches))
+        label = f"{seconds:g} s clips, random weights" + (", TINY (32 wide, 1 layer)" if tiny else "")
+        ref_note = f"; {why}: JAX only (no PyTorch FCPE to compare)"
+        torch_call = compare = None
+    _frontend_model("fcpe", "salience", label, lambda B: pitch.batch(wavs[:B]), torch_call, batches, reps,
+                    compare, dev, ref_note)
+    del ref, pitch
+
+
+def frontend_section(tiny, dev, have, batches, reps, parts):
+    """Section 5: each front-end model in turn; one failing model is a FAILED row, the
+    others still run."""
+    for name, fn in (("hubert", _frontend_hubert), ("rmvpe", _frontend_rmvpe), ("fcpe", _frontend_fcpe)):
+        if name not in parts:
+            row("frontend", f"{name}: skipped", note="--skip")
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn(tiny, dev, have, batches, reps)
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            first = str(e).splitlines()[0][:160] if str(e) else ""
+            row("frontend", f"{name}: FAILED", note=f"{type(e).__name__}: {first}")
+            traceback.print_exc()
+        print(f"[device_check] frontend {name}: {time.perf_counter() - t0:.1f} s wall", file=sys.stderr, flush=True)
+        if dev is not None and dev.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--platform", choices=["gpu", "cuda", "cpu", "tpu"], default=None,
@@ -574,9 +798,22 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; tiny: 2)")
     ap.add_argument("--conv-reps", type=int, default=None, help="timed calls per conv op (default 10; tiny: 2)")
     ap.add_argument("--conv-limit", type=int, default=None, help="time only the N largest convs (default all; tiny: 4)")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: parity,step,conv,infer")
+    ap.add_argument("--frontend-reps", type=int, default=None,
+                    help="timed steady calls per front-end row (default 5; tiny: 2)")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: parity,step,conv,infer,frontend; "
+                                               "or front-end models: hubert,rmvpe,fcpe")
+    ap.add_argument("--pretend-missing", default="",
+                    help="comma-separated modules to treat as not installed (e.g. librosa,torchfcpe: dry-run what "
+                         "a bare GPU machine does)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    known = {"parity", "step", "conv", "infer", "frontend", *FRONTEND_PARTS}
+    if skip - known:
+        ap.error(f"--skip: unknown {', '.join(sorted(skip - known))} (known: {', '.join(sorted(known))})")
+    PRETEND_MISSING.update(filter(None, args.pretend_missing.split(",")))
+    if PRETEND_MISSING:
+        NOTES.append(f"--pretend-missing: {', '.join(sorted(PRETEND_MISSING))} treated as not installed")
     t_start = time.perf_counter()
     have = setup_environment(args)
     tiny = args.tiny
@@ -586,7 +823,8 @@ def main(argv=None):
     steps = args.steps or (2 if tiny else 10)
     reps = args.conv_reps or (2 if tiny else 10)
     conv_limit = args.conv_limit if args.conv_limit is not None else (4 if tiny else 0)
-    skip = set(filter(None, args.skip.split(",")))
+    frontend_reps = args.frontend_reps or (2 if tiny else 5)
+    frontend_parts = [p for p in FRONTEND_PARTS if p not in skip]
     describe_devices(have)
     have_ref = have["torch"] and have["rvc"]
     dev = None
@@ -610,7 +848,8 @@ def main(argv=None):
                      ("step", lambda: steps_section(cfg, tiny, dev, have_ref, batches, T, seg, steps)),
                      ("conv", lambda: conv_section(cfg, tiny, dev, have_ref, batches[0], T, seg, reps,
                                                    conv_limit)),
-                     ("infer", lambda: infer_section(tiny, dev))):
+                     ("infer", lambda: infer_section(tiny, dev)),
+                     ("frontend", lambda: frontend_section(tiny, dev, have, (1, 8), frontend_reps, frontend_parts))):
         if name in skip or (name == "parity" and not have_ref):
             row(name, "skipped", note="--skip" if name in skip else "no PyTorch reference")
             continue
