@@ -230,7 +230,25 @@ def run_jax(work: str, f0_method: str, use_index: bool, steady: int) -> dict:
     _, audio = wavfile.read(os.path.join(work, "input.wav"))
     audio = audio.astype(np.float32)
     load_s = time.perf_counter() - t0
-    return _measure(lambda: vc(audio), audio.size / 16000, load_s, steady, t0, c0)
+    # The converter's stages, timed as RVC's own timers split its pipeline: "npy" content
+    # features + retrieval, "f0" the pitch tracker, "infer" the synthesizer (each stage
+    # returns host arrays, so wall time here is the stage's own).
+    stages: list[dict] = []
+    for attr, key in (("_content", "npy"), ("_f0", "f0"), ("_synthesize", "infer")):
+        def timed(*args, _f=getattr(vc, attr), _k=key, **kw):
+            w = time.perf_counter()
+            try:
+                return _f(*args, **kw)
+            finally:
+                stages[-1][_k] += time.perf_counter() - w
+        setattr(vc, attr, timed)
+
+    def once():
+        stages.append({"npy": 0.0, "f0": 0.0, "infer": 0.0})
+        return vc(audio)
+    r = _measure(once, audio.size / 16000, load_s, steady, t0, c0)
+    r["stages"] = stages
+    return r
 
 
 def _measure(once, audio_s: float, load_s: float, steady: int, t0: float, c0: float) -> dict:
@@ -312,6 +330,13 @@ def main() -> None:
     for side in ("torch", "jax"):
         print(f"real-time factor {side}: steady {med(side, 'steady_wall') / audio_s:.3f}, "
               f"first {med(side, 'first_wall') / audio_s:.3f}")
+    # per-stage wall time of the steady conversions (RVC's timers on the torch side)
+    steady_stages = {side: [st for r in results[side] for st in (r.get("stages") or [])[1:]]
+                     for side in ("torch", "jax")}
+    for key, label in (("npy", "content + retrieval"), ("f0", "f0"), ("infer", "synthesizer")):
+        t, j = (float(np.median([st[key] for st in steady_stages[side]])) if steady_stages[side] else float("nan")
+                for side in ("torch", "jax"))
+        print(f"stage {label:20s}{t:8.2f}{j:10.2f}{t / j:8.2f}x   (steady, wall s)")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"args": vars(a), "results": results}, fh, indent=1)
