@@ -126,16 +126,16 @@ def profile_jax(B, T, steps, rank, top, dump=None):
 
     tr, state, batch = build_jax(B, T, rank)
     batch = tr.put_batch(batch)
-    compiled = tr._step.lower(state, batch).compile()
+    compiled = tr._step.lower(state, batch, tr.frozen).compile()  # the frozen base is an argument
     instrs, fused, tables = _parse_hlo(compiled.as_text())
     # the AOT-compiled executable itself: tr._step would compile a second time
-    state, _ = compiled(state, batch)
+    state, _ = compiled(state, batch, tr.frozen)
     jax.block_until_ready(state)
     tmp = tempfile.mkdtemp(prefix="rvclora-prof-")
     c0, w0 = time.process_time(), time.perf_counter()
     with jax.profiler.trace(tmp):
         for _ in range(steps):
-            state, _ = compiled(state, batch)
+            state, _ = compiled(state, batch, tr.frozen)
             jax.block_until_ready(state)
     cpu, wall = (time.process_time() - c0) / steps, (time.perf_counter() - w0) / steps
     path = sorted(glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True))[-1]
