@@ -104,12 +104,17 @@ def _inert_class(name: str) -> type:
     return type(f"Inert_{re.sub(r'[^0-9A-Za-z_]', '_', name)}", (_Inert,), {"_name": name})
 
 
-def _inert_for(name: str) -> type | None:
-    return _inert_class(name) if name.startswith(_INERT_PREFIXES) else None
+_MAX_STUBS = 64  # distinct record classes one file may name (fairseq's name about a dozen)
 
 
 def _restricted_load(path: str) -> Any:
-    return read_checkpoint(path, fail=_fail, inert=_inert_for, kind="model file",
+    classes: dict[str, type] = {}
+
+    def inert(name: str) -> type | None:  # one record class per name, a few dozen names at most
+        if not name.startswith(_INERT_PREFIXES) or (name not in classes and len(classes) >= _MAX_STUBS):
+            return None
+        return classes.setdefault(name, _inert_class(name))
+    return read_checkpoint(path, fail=_fail, inert=inert, kind="model file",
                            never="HuBERT weight files never need this")
 
 

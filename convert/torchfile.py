@@ -89,11 +89,25 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
-class StorageType:
+class _Frozen:
+    """Objects handed to the pickle (allowlisted callables, storage types, storages) refuse
+    BUILD: a file cannot set attributes on them (a storage's budget, a function's
+    defaults) that would change how the rest of the load, or a later one, behaves."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise TorchFileError(f"the pickle tries to set the state of {type(self).__name__}")
+
+
+class StorageType(_Frozen):
     """What ``torch.FloatStorage`` and its kin stand for in a pickle: a dtype."""
 
+    __slots__ = ("name", "dtype")
+
     def __init__(self, name: str):
-        self.name, self.dtype = name, _np_dtype(_STORAGE_DTYPES[name])
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", _np_dtype(_STORAGE_DTYPES[name]))
 
     def __repr__(self):
         return f"torch.{self.name}"
@@ -110,13 +124,39 @@ class BadTensor:
         return f"<unreadable tensor: {self.reason}>"
 
 
-class _Storage:
+class _Budget:
+    """Bytes one load may still read or build beyond the file's own bytes, each capped at
+    the file's size: a pickle can call an allowed function many times from its memo at a
+    few bytes per call, and zip entries can overlap, so neither may multiply the file."""
+
+    def __init__(self, size: int):
+        self.read = self.built = max(int(size), 1 << 16)
+
+    def take_read(self, n: int, what: str) -> None:
+        if n > self.read:
+            raise TorchFileError(f"{what}: the storages read would exceed the file's size (overlapping or "
+                                 f"forged zip entries)")
+        self.read -= n
+
+    def take_built(self, n: int) -> bool:
+        if n > self.built:
+            return False
+        self.built -= n
+        return True
+
+
+class _Storage(_Frozen):
     """A storage: its elements as a flat numpy array (a view of the bytes read); None
     until read, in a legacy file."""
 
-    def __init__(self, data: np.ndarray | None, budget: list[int]):
-        self.data = data
-        self.budget = budget   # bytes left for copies of non-contiguous tensors (one per file)
+    __slots__ = ("data", "budget")
+
+    def __init__(self, data: np.ndarray | None, budget: _Budget):
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "budget", budget)
+
+    def fill(self, data: np.ndarray) -> None:
+        object.__setattr__(self, "data", data)
 
 
 def type_name(v: Any) -> str:
@@ -128,37 +168,20 @@ def type_name(v: Any) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-    return _tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _tensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter):
-        raise TorchFileError(f"a tensor subclass is rebuilt by {getattr(func, '__name__', func)!r}")
-    return func(*args)
-
-
 def _is_index(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _tensor(storage, offset, size, stride) -> np.ndarray:
+def _tensor(storage, offset, size, stride):
     """The tensor ``size``/``stride`` at ``offset`` of ``storage``, checked to lie inside it:
-    a view when contiguous, else a copy no larger than the storage; a :class:`BadTensor`
+    a view when contiguous, else a copy charged to the load's budget; a :class:`BadTensor`
     when it does not fit."""
     if not isinstance(storage, _Storage):
         raise TorchFileError(f"a tensor's storage is a {type(storage).__name__}, not a stored tensor")
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
+        return BadTensor(f"declares shape {size!r} and strides {stride!r}")
     size, stride = tuple(size), tuple(stride)
-    if not (_is_index(offset) and len(size) == len(stride) and all(map(_is_index, size + stride))):
+    if not (_is_index(offset) and len(size) == len(stride) <= 64 and all(map(_is_index, size + stride))):
         return BadTensor(f"declares offset {offset!r}, shape {list(size)} and strides {list(stride)}")
     if storage.data is None:
         return _Pending((storage, offset, size, stride))
@@ -174,35 +197,114 @@ def _tensor(storage, offset, size, stride) -> np.ndarray:
     view = np.lib.stride_tricks.as_strided(data[offset:], shape=size, strides=[s * item for s in stride])
     if view.flags.c_contiguous:
         return view
-    storage.budget[0] -= numel * item  # many strided views of one storage must not multiply it
-    if storage.budget[0] < 0:
-        return BadTensor(f"declares shape {list(size)} with strides {list(stride)}: its copies would exceed "
+    if not storage.budget.take_built(numel * item):  # strided views of one storage must not multiply it
+        return BadTensor(f"declares shape {list(size)} with strides {list(stride)}: its copy would exceed "
                          f"the file's size")
     return np.array(view)
 
 
-def _codecs_encode(obj, encoding="utf-8"):
+class _Pending:
+    """A legacy file's tensor, rebuilt before its storage's bytes (which follow the
+    pickle) are read."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def resolve(self):
+        return _tensor(*self.args)
+
+
+class _Call(_Frozen):
+    """An allowlisted global: ``fn(budget, *args)``; frozen (see :class:`_Frozen`)."""
+
+    __slots__ = ("fn", "budget", "name")
+
+    def __init__(self, fn, budget: _Budget, name: str):
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "budget", budget)
+        object.__setattr__(self, "name", name)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.budget, *args, **kwargs)
+
+    def __repr__(self):
+        return self.name
+
+
+def _charge(budget: _Budget, n: int, what: str) -> None:
+    if not budget.take_built(n):
+        raise TorchFileError(f"{what}: the objects the pickle builds would exceed the file's size")
+
+
+def _rebuild_tensor_v2(budget, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    return _tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor(budget, storage, storage_offset, size, stride):
+    return _tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(budget, data, requires_grad=False, backward_hooks=None, state=None):
+    return data
+
+
+def _rebuild_from_type_v2(budget, func, new_type, args, state):
+    if not (isinstance(func, _Call) and func.fn in (_rebuild_tensor_v2, _rebuild_tensor, _rebuild_parameter)):
+        raise TorchFileError(f"a tensor subclass is rebuilt by {func!r}")
+    if not isinstance(args, tuple):
+        raise TorchFileError("_rebuild_from_type_v2 called with unexpected arguments")
+    return func(*args)
+
+
+def _codecs_encode(budget, obj, encoding="utf-8"):
     # protocol-2 pickles spell bytes as _codecs.encode(latin-1 text, "latin1")
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
         raise TorchFileError("_codecs.encode is only allowed on text with latin1/utf-8")
+    _charge(budget, len(obj) * (1 if encoding.startswith("latin") else 4), "_codecs.encode")
     return obj.encode(encoding)
 
 
-def _ordered_dict(*args):
-    if args and not (len(args) == 1 and isinstance(args[0], (list, tuple))):
-        raise TorchFileError("collections.OrderedDict called with unexpected arguments")
-    return collections.OrderedDict(*args)
+def _items(budget, args, what):
+    if len(args) > 1 or (args and not isinstance(args[0], (list, tuple, set, frozenset, dict))):
+        raise TorchFileError(f"{what} called with unexpected arguments")
+    items = args[0] if args else ()
+    _charge(budget, 64 * len(items), what)
+    return items
 
 
-def _set(*args):
-    return set(*args)
+def _ordered_dict(budget, *args):
+    return collections.OrderedDict(_items(budget, args, "collections.OrderedDict"))
 
 
-def _size(*args):
-    return tuple(*args)
+def _set(budget, *args):
+    return set(_items(budget, args, "set"))
 
 
-class _TensorMarker:
+def _frozenset(budget, *args):
+    return frozenset(_items(budget, args, "frozenset"))
+
+
+def _size(budget, *args):
+    items = _items(budget, args, "torch.Size")
+    if len(items) > 64 or not all(_is_index(n) for n in items):
+        raise TorchFileError("torch.Size holds something other than a few sizes")
+    return tuple(items)
+
+
+def _complex(budget, real=0.0, imag=0.0):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (real, imag)):
+        raise TorchFileError("complex called with unexpected arguments")
+    return complex(real, imag)
+
+
+def _device(budget, *args):
+    if not (1 <= len(args) <= 2 and isinstance(args[0], str) and len(args[0]) < 64):
+        raise TorchFileError("torch.device called with unexpected arguments")
+    return args[0] if len(args) == 1 else f"{args[0]}:{args[1]}"
+
+
+class _TensorMarker(_Frozen):
     """``torch.Tensor`` / ``torch.nn.Parameter`` as named by ``_rebuild_from_type_v2``."""
 
 
@@ -213,28 +315,45 @@ _ALLOWED: dict[str, Any] = {
     "torch._utils._rebuild_parameter": _rebuild_parameter,
     "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-    "torch.Tensor": _TensorMarker,
-    "torch.nn.parameter.Parameter": _TensorMarker,
     "torch.Size": _size,
+    "torch.device": _device,
     "_codecs.encode": _codecs_encode,
     "builtins.set": _set,
-    "builtins.frozenset": frozenset,
-    "builtins.complex": complex,
+    "builtins.frozenset": _frozenset,
+    "builtins.complex": _complex,
 }
+_MARKERS = {"torch.Tensor", "torch.nn.parameter.Parameter"}
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves only :data:`_ALLOWED`, the storage types and dtypes (and ``inert``'s
-    stand-ins); storages come from ``storage(key, dtype, numel, view)``."""
+class _Unpickler(pickle._Unpickler):  # noqa: SLF001 - the Python unpickler: its opcodes can be restricted
+    """Resolves only :data:`_ALLOWED` (bound to this load's :class:`_Budget`), the storage
+    types and dtypes (and ``inert``'s stand-ins); storages come from
+    ``storage(key, dtype, numel, view)``. BUILD (setting an object's state) is allowed on
+    ``inert``'s stand-ins and as plain attributes of an ``OrderedDict`` (a state dict's
+    ``_metadata``) only. Python's own unpickler is used, not the C one, because
+    only its opcode table can be restricted; ``data.pkl`` is a few hundred KB at most."""
 
-    def __init__(self, fh, storage: Callable | None, inert: Callable[[str], type | None] | None):
+    dispatch = dict(pickle._Unpickler.dispatch)  # noqa: SLF001
+
+    def __init__(self, fh, storage: Callable | None, inert: Callable[[str], type | None] | None,
+                 budget: _Budget):
         super().__init__(fh)
-        self._storage, self._inert = storage, inert
+        self._storage, self._inert, self._budget = storage, inert, budget
+        self._stand_ins: set[type] = set()
 
     def find_class(self, module, name):
+        if self.proto < 3:  # protocol 2 (torch.save) spells Python 3's builtins as Python 2's
+            import _compat_pickle
+
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         full = f"{module}.{name}"
         if full in _ALLOWED:
-            return _ALLOWED[full]
+            return _Call(_ALLOWED[full], self._budget, full)
+        if full in _MARKERS:
+            return _TensorMarker()
         if module in ("torch", "torch.cuda") and name in _STORAGE_DTYPES:
             return StorageType(name)
         if module == "torch" and name in _TORCH_DTYPES:
@@ -242,6 +361,7 @@ class _Unpickler(pickle.Unpickler):
         stand_in = self._inert(full) if self._inert else None
         if stand_in is None:
             raise UnsafeGlobal(full)
+        self._stand_ins.add(stand_in)
         return stand_in
 
     def persistent_load(self, pid):
@@ -254,6 +374,17 @@ class _Unpickler(pickle.Unpickler):
             raise TorchFileError(f"storage {key!r} declares {numel!r} elements")
         return self._storage(str(key), stype.dtype, numel, pid[5] if len(pid) > 5 else None)
 
+    def load_build(self):
+        inst, state = self.stack[-2], self.stack[-1]
+        # a module's state dict carries its version table as OrderedDict._metadata
+        plain_attrs = (type(inst) is collections.OrderedDict and isinstance(state, dict)
+                       and all(isinstance(k, str) and not k.startswith("__") for k in state))
+        if not (plain_attrs or type(inst) in self._stand_ins):
+            raise TorchFileError(f"the pickle tries to set the state of a {type(inst).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
 
 def load(path: str | os.PathLike, *, inert: Callable[[str], type | None] | None = None) -> Any:
     """The object in the PyTorch file at ``path`` (zip or legacy format), tensors as
@@ -262,32 +393,46 @@ def load(path: str | os.PathLike, *, inert: Callable[[str], type | None] | None 
     path = os.fspath(path)
     with open(path, "rb") as fh:
         head = fh.read(4)
-    if zipfile.is_zipfile(path):
-        return _load_zip(path, inert)
-    if head.startswith(b"PK"):
-        raise TorchFileError("truncated or corrupted PyTorch checkpoint (its zip archive is incomplete: "
-                             "no central directory)")
-    return _load_legacy(path, inert)
+    budget = _Budget(os.path.getsize(path))
+    if head == b"PK\x03\x04":  # torch's own test: a zip archive's first local header
+        return _load_zip(path, inert, budget)
+    return _load_legacy(path, inert, budget)
 
 
-def _load_zip(path: str, inert) -> Any:
+def _zip_error(e: BaseException) -> TorchFileError:
+    return TorchFileError(f"truncated or corrupted PyTorch checkpoint (its zip archive is incomplete: "
+                          f"{' '.join(str(e).split())[:100]})")
+
+
+def _load_zip(path: str, inert, budget: _Budget) -> Any:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise TorchFileError(f"truncated or corrupted PyTorch checkpoint ({e})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise _zip_error(e) from None
     with zf:
         pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
             raise TorchFileError("a zip archive, but not a PyTorch checkpoint (no <name>/data.pkl record)")
         prefix = pkls[0][: -len("data.pkl")]
-        try:
-            order = zf.read(prefix + "byteorder").decode() if prefix + "byteorder" in zf.namelist() else "little"
-        except Exception as e:  # noqa: BLE001 - a damaged record
-            raise TorchFileError(f"truncated or corrupted PyTorch checkpoint ({e})") from None
+
+        def record(name: str, limit: int) -> bytes:
+            info = zf.getinfo(name)
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise TorchFileError(f"record {name} is compressed; torch stores its records uncompressed")
+            if info.file_size > limit:
+                raise TorchFileError(f"record {name} holds {info.file_size:,} bytes, more than expected")
+            budget.take_read(info.file_size, name)
+            try:
+                return zf.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                raise _zip_error(e) from None
+
+        order = "little"
+        if prefix + "byteorder" in zf.namelist():
+            order = record(prefix + "byteorder", 16).decode("ascii", "replace")
         if order not in ("little", "big"):
             raise TorchFileError(f"unknown byte order {order[:20]!r}")
         cache: dict[str, _Storage] = {}
-        budget = [os.path.getsize(path)]
 
         def storage(key: str, dtype: np.dtype, numel: int, view) -> _Storage:
             if key not in cache:
@@ -296,67 +441,68 @@ def _load_zip(path: str, inert) -> Any:
                     info = zf.getinfo(name)
                 except KeyError:
                     raise TorchFileError(f"storage record {name} is missing (truncated file?)") from None
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise TorchFileError(f"storage record {name} is compressed; torch stores tensors uncompressed")
                 need = numel * dtype.itemsize
                 if info.file_size < need:
                     raise TorchFileError(f"storage {key} declares {numel:,} elements ({need:,} bytes) but its "
                                          f"record holds {info.file_size:,} bytes")
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise TorchFileError(f"storage record {name} is compressed; torch stores tensors uncompressed")
+                budget.take_read(need, name)
                 buf = bytearray(need)
                 try:
                     with zf.open(info) as src:
                         got = src.readinto(buf)
-                except (zipfile.BadZipFile, OSError, EOFError) as e:
-                    raise TorchFileError(f"truncated or corrupted PyTorch checkpoint ({e})") from None
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+                    raise _zip_error(e) from None
                 if got != need:
                     raise TorchFileError(f"truncated file: storage {key} holds {got:,} of {need:,} bytes")
                 arr = np.frombuffer(buf, dtype.newbyteorder(">") if order == "big" else dtype)
                 cache[key] = _Storage(arr.astype(dtype) if order == "big" else arr, budget)
             return cache[key]
 
-        try:
-            data = zf.read(pkls[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise TorchFileError(f"truncated or corrupted PyTorch checkpoint ({e})") from None
-        return _unpickle(io.BytesIO(data), storage, inert)
+        data = record(pkls[0], os.path.getsize(path))
+        return _unpickle(io.BytesIO(data), storage, inert, budget)
 
 
-def _unpickle(fh, storage, inert) -> Any:
+def _unpickle(fh, storage, inert, budget: _Budget) -> Any:
     try:
-        return _Unpickler(fh, storage, inert).load()
+        return _Unpickler(fh, storage, inert, budget).load()
     except TorchFileError:
         raise
     except EOFError:
         raise TorchFileError("truncated or empty file (unexpected end of file while unpickling)") from None
     except MemoryError:
         raise TorchFileError("declares more data than the memory available") from None
+    except RecursionError:
+        raise TorchFileError("nested too deeply") from None
     except Exception as e:  # noqa: BLE001 - garbage gives UnpicklingError/KeyError/ValueError/...
         text = " ".join(str(e).split())[:120]
         raise TorchFileError(f"not a PyTorch checkpoint ({type(e).__name__}: {text})") from None
 
 
-def _load_legacy(path: str, inert) -> Any:
+def _load_legacy(path: str, inert, budget: _Budget) -> Any:
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
-        if _unpickle(fh, None, None) != _LEGACY_MAGIC:
+        if _unpickle(fh, None, None, budget) != _LEGACY_MAGIC:
             raise TorchFileError("not a PyTorch checkpoint (neither a zip archive nor torch's legacy format)")
-        if _unpickle(fh, None, None) != 1001:
+        if _unpickle(fh, None, None, budget) != 1001:
             raise TorchFileError("legacy-format PyTorch file of an unknown protocol version")
-        info = _unpickle(fh, None, None)
-        little = not isinstance(info, dict) or info.get("little_endian", True)
+        _unpickle(fh, None, None, budget)  # system info: torch itself reads the storages little-endian
         roots: dict[str, tuple[np.dtype, int]] = {}
         views: list[tuple[_Storage, str, int, int]] = []
-        budget = [size]
+        declared = [0]
 
         def storage(key, dtype, numel, view):
-            if key in roots and roots[key] != (dtype, numel):
-                raise TorchFileError(f"storage {key} is declared twice with different sizes")
-            roots[key] = (dtype, numel)
-            declared = sum(d.itemsize * n for d, n in roots.values())
-            if declared > size:
-                raise TorchFileError(f"legacy-format PyTorch file whose tensors declare {declared:,} bytes, more "
-                                     f"than the file holds ({size:,} bytes): truncated or forged; nothing was "
-                                     f"allocated")
+            if key in roots:
+                if roots[key] != (dtype, numel):
+                    raise TorchFileError(f"storage {key} is declared twice with different sizes")
+            else:
+                roots[key] = (dtype, numel)
+                declared[0] += dtype.itemsize * numel
+                if declared[0] > size:
+                    raise TorchFileError(f"legacy-format PyTorch file whose tensors declare {declared[0]:,} bytes, "
+                                         f"more than the file holds ({size:,} bytes): truncated or forged; nothing "
+                                         f"was allocated")
             s = _Storage(None, budget)   # filled once the storage list has been read
             if view is not None:
                 if not (isinstance(view, tuple) and len(view) == 3 and _is_index(view[1]) and _is_index(view[2])):
@@ -366,8 +512,8 @@ def _load_legacy(path: str, inert) -> Any:
                 views.append((s, key, 0, -1))
             return s
 
-        obj = _unpickle(fh, storage, inert)
-        keys = _unpickle(fh, None, None)
+        obj = _unpickle(fh, storage, inert, budget)
+        keys = _unpickle(fh, None, None, budget)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise TorchFileError("legacy-format PyTorch file with an unreadable storage list")
         data: dict[str, np.ndarray] = {}
@@ -378,51 +524,46 @@ def _load_legacy(path: str, inert) -> Any:
             head = fh.read(8)
             if len(head) != 8:
                 raise TorchFileError("truncated file: the storages end early")
-            if struct.unpack("<q" if little else ">q", head)[0] != numel:
+            if struct.unpack("<q", head)[0] != numel:
                 raise TorchFileError(f"storage {key}: its stored element count differs from the declared {numel:,}")
             raw = bytearray(numel * dtype.itemsize)
             if fh.readinto(raw) != len(raw):
                 raise TorchFileError("truncated file: the storages end early")
-            arr = np.frombuffer(raw, dtype if little else dtype.newbyteorder(">"))
-            data[key] = arr if little else arr.astype(dtype)
+            data[key] = np.frombuffer(raw, dtype)
     for s, key, start, n in views:
         if key not in data:
             raise TorchFileError(f"storage {key} is used but not stored")
         whole = data[key]
         if n >= 0 and start + n > whole.size:
             raise TorchFileError(f"storage view {key}[{start}:{start + n}] lies outside its storage")
-        s.data = whole if n < 0 else whole[start:start + n]
-    return _materialise(obj)
+        s.fill(whole if n < 0 else whole[start:start + n])
+    return _materialise(obj, {})
 
 
-def _materialise(obj: Any, depth: int = 0) -> Any:
+def _materialise(obj: Any, seen: dict[int, Any], depth: int = 0) -> Any:
     """Legacy files rebuild tensors before their storages are read: resolve the
-    :class:`_Pending` placeholders now."""
-    if depth > 100:
-        raise TorchFileError("nesting too deep")
+    :class:`_Pending` placeholders now. Each container is visited once (a pickle's memo
+    can share one sub-object many times)."""
+    if depth > 200:
+        raise TorchFileError("nested too deeply")
     if isinstance(obj, _Pending):
         return obj.resolve()
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    if id(obj) in seen:
+        return seen[id(obj)]
     if isinstance(obj, dict):
+        seen[id(obj)] = obj
         for k, v in obj.items():
-            obj[k] = _materialise(v, depth + 1)
+            obj[k] = _materialise(v, seen, depth + 1)
         return obj
     if isinstance(obj, list):
-        obj[:] = [_materialise(v, depth + 1) for v in obj]
+        seen[id(obj)] = obj
+        obj[:] = [_materialise(v, seen, depth + 1) for v in obj]
         return obj
-    if isinstance(obj, tuple):
-        return tuple(_materialise(v, depth + 1) for v in obj)
-    return obj
-
-
-class _Pending:
-    """A legacy file's tensor, rebuilt before its storage's bytes (which follow the
-    pickle) are read."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def resolve(self):
-        return _tensor(*self.args)
+    out = tuple(_materialise(v, seen, depth + 1) for v in obj)
+    seen[id(obj)] = out
+    return out
 
 
 # --------------------------------------------------------------------------- writing
@@ -451,20 +592,20 @@ class _Pickle:
             self.out += b"J" + struct.pack("<i", v)
         else:
             b = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
-            self.out += b"\x8a" + bytes([len(b)]) + b
+            self.out += (b"\x8a" + bytes([len(b)]) if len(b) < 256 else b"\x8b" + struct.pack("<i", len(b))) + b
 
-    def tuple_(self, items):
+    def tuple_(self, items, depth: int = 0):
         if not items:
             self.out += b")"
             return
         if len(items) <= 3:
             for x in items:
-                self.dump(x)
+                self.dump(x, depth + 1)
             self.out += (b"\x85", b"\x86", b"\x87")[len(items) - 1]
             return
         self.out += b"("
         for x in items:
-            self.dump(x)
+            self.dump(x, depth + 1)
         self.out += b"t"
 
     def tensor(self, a: np.ndarray):
@@ -485,8 +626,9 @@ class _Pickle:
         self.out += b"tQ"                                   # TUPLE, BINPERSID
         self.int_(0)
         self.tuple_([int(n) for n in a.shape])
-        self.tuple_([int(s) // a.itemsize for s in a.strides] if a.size else
-                    [int(math.prod(a.shape[i + 1:])) for i in range(a.ndim)])
+        # C-order strides from the shape (numpy's own may be anything on a dimension of
+        # size 1, even negative); tobytes() writes C order
+        self.tuple_([int(math.prod(a.shape[i + 1:])) for i in range(a.ndim)])
         self.out += b"\x89"                                 # requires_grad False
         self.global_("collections", "OrderedDict")
         self.out += b")R"                                   # backward hooks: OrderedDict()
@@ -536,7 +678,7 @@ class _Pickle:
                     self.dump(v, depth + 1)
                 self.out += b"e"
         elif isinstance(obj, tuple):
-            self.tuple_(list(obj))
+            self.tuple_(list(obj), depth)
         else:
             raise TypeError(f"cannot write a {type(obj).__name__} in a torch file")
 

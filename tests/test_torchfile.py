@@ -307,3 +307,119 @@ def test_export_without_torch(tmp_path):
         assert torch.equal(b["weight"][k], t), k
     assert {k: v for k, v in a.items() if k not in ("weight", "info")} == \
         {k: v for k, v in b.items() if k not in ("weight", "info")}
+
+
+# ---------------------------------------------------------------------------- review findings
+
+
+def test_protocol_2_builtins_and_shared_legacy_structure(tmp_path):
+    """torch.save's protocol-2 pickles spell builtins as __builtin__.X; a legacy file whose
+    memo shares one sub-object 2^25 ways loads in linear time; a legacy file whose bytes
+    happen to hold a zip end-of-archive marker is still read as legacy."""
+    import time
+
+    p = tmp_path / "sets.pth"
+    torch.save({"s": {1, 2}, "f": frozenset([3]), "c": complex(1, 2)}, p)
+    assert tf.load(p) == {"s": {1, 2}, "f": frozenset([3]), "c": complex(1, 2)}
+    nested = (torch.arange(3.0),)
+    for _ in range(25):
+        nested = (nested, nested)
+    p2 = tmp_path / "dag.pth"
+    torch.save({"t": nested}, p2, _use_new_zipfile_serialization=False)
+    t0 = time.perf_counter()
+    got = tf.load(p2)["t"]
+    assert time.perf_counter() - t0 < 5
+    for _ in range(25):
+        got = got[1]
+    _same(got[0], torch.arange(3.0))
+    p3 = tmp_path / "pk_inside.pth"
+    marker = torch.tensor(list(b"PK\x05\x06" + bytes(18)), dtype=torch.uint8)
+    torch.save({"m": marker}, p3, _use_new_zipfile_serialization=False)
+    _same(tf.load(p3)["m"], marker)
+
+
+def test_build_only_on_records_and_state_dict_metadata(tmp_path):
+    """BUILD (setting an object's state) on an allowlisted function is refused, so a file
+    cannot change how later loads behave; a module's state dict keeps its _metadata."""
+    defaults = tf._codecs_encode.__defaults__
+    evil = (b"\x80\x02c_codecs\nencode\nN}X\x0c\x00\x00\x00__defaults__X\x01\x00\x00\x00x\x85s\x86b.")
+    p = tmp_path / "build.pkl"
+    p.write_bytes(evil)
+    with pytest.raises(tf.TorchFileError, match="set the state"):
+        tf.load(p)
+    assert tf._codecs_encode.__defaults__ == defaults
+    sd = torch.nn.Linear(2, 3).state_dict()
+    p2 = tmp_path / "sd.pth"
+    torch.save(sd, p2)
+    assert getattr(tf.load(p2), "_metadata", None) == sd._metadata
+
+
+def test_repeated_and_overlapping_references_cannot_multiply_the_file(tmp_path):
+    """A pickle calling an allowed function many times on one memoised 1 MB string, a
+    data.pkl compressed 1000:1, and zip entries nested inside each other's bytes are all
+    refused before they cost more memory than the file's size."""
+    import struct
+    import zlib
+
+    big = "a" * (1 << 20)
+    body = b"\x80\x02X" + struct.pack("<I", len(big)) + big.encode() + b"q\x00"
+    body += b"c_codecs\nencode\nh\x00X\x06\x00\x00\x00latin1\x86R0" * 40 + b"N."
+    p = tmp_path / "memo.pkl"
+    p.write_bytes(body)
+    with pytest.raises(tf.TorchFileError, match="exceed the file's size"):
+        tf.load(p)
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(4)}, good)
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # the same tensor dict, padded to 50 MB
+                data = data[:-1] + b"X" + struct.pack("<I", 50 << 20) + b"\0" * (50 << 20) + b"0."
+                zout.writestr(info.filename, data, compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                zout.writestr(info, data)
+    assert os.path.getsize(bomb) < 1 << 20
+    with pytest.raises(tf.TorchFileError, match="compressed"):
+        tf.load(bomb)
+    # K storage records whose stored bytes nest: record i's data holds records i+1.. and 1 MB
+    k, size = 40, 1 << 20
+    pick = tf._Pickle()
+    pick.dump({f"k{i}": np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (size // 4,), (0,))
+               for i in range(k)})
+    pkl = bytes(pick.out) + b"."
+
+    def local(name, crc, n):
+        return struct.pack("<4s5H3I2H", b"PK\3\4", 20, 0, 0, 0, 0x21, crc, n, n, len(name), 0) + name
+
+    def central(name, crc, n, off):
+        return struct.pack("<4s6H3I5HII", b"PK\1\2", 20, 20, 0, 0, 0, 0x21, crc, n, n, len(name), 0, 0, 0, 0, 0,
+                           off) + name
+    names = [f"archive/data/{i}".encode() for i in range(k)]
+    out = bytearray(local(b"archive/data.pkl", zlib.crc32(pkl), len(pkl)) + pkl)
+    cd = bytearray(central(b"archive/data.pkl", zlib.crc32(pkl), len(pkl), 0))
+    tails, heads, tail = [None] * k, [None] * k, b"\0" * size
+    for i in reversed(range(k)):
+        tails[i], heads[i] = tail, local(names[i], zlib.crc32(tail), len(tail))
+        tail = heads[i] + tail
+    off = len(out)
+    out += tail
+    for i in range(k):
+        cd += central(names[i], zlib.crc32(tails[i]), len(tails[i]), off)
+        off += len(heads[i])
+    out += cd + struct.pack("<4s4H2IH", b"PK\5\6", 0, 0, k + 1, k + 1, len(cd), len(out), 0)
+    nest = tmp_path / "overlap.pth"
+    nest.write_bytes(bytes(out))
+    with pytest.raises(tf.TorchFileError, match="exceed the file's size"):
+        tf.load(nest)
+
+
+def test_writer_uses_c_order_strides(tmp_path):
+    a = np.arange(1.0)[::-1]                      # a size-1 axis with stride -8
+    b = np.ones((2, 1, 3), np.float32)[:, ::-1]   # likewise inside a larger array
+    p = tmp_path / "strides.pth"
+    tf.save({"a": a, "b": b}, p)
+    got, back = tf.load(p), torch.load(p, weights_only=True)
+    for k, v in (("a", a), ("b", b)):
+        assert isinstance(got[k], np.ndarray) and np.array_equal(got[k], v)
+        assert np.array_equal(back[k].numpy(), v)
