@@ -60,17 +60,11 @@ def same_weight_pair(config=None, *, seed: int = 0):
     from rvclora_convert.hubert import fold_pos_conv
     from rvclora_convert.state_dict import torch_to_flax
     from rvclora_jax import families
+    from tests.torch_ref import randomize_norms_
 
     config = config or HubertConfig()
     torch.manual_seed(seed)
-    hf = HubertModel(config).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    hf = randomize_norms_(HubertModel(config).eval(), seed + 1)
     fam = families.get("hubert")
     sd = fold_pos_conv({k: v.detach().cpu().numpy() for k, v in hf.state_dict().items()
                         if k != "masked_spec_embed"})

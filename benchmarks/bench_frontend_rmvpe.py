@@ -36,6 +36,7 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def clips(batch: int, seconds: float):
@@ -77,17 +78,10 @@ def write_fake(path: str, config: dict | None = None, seed: int = 0) -> None:
     ``E2E(4, 1, (2, 2))``, or :data:`TINY`). The batch norms get random affine parameters
     and running statistics, so a parity check also covers their folding."""
     import torch
+
+    from tests.torch_ref import randomize_batch_norms_
     torch.manual_seed(seed)
-    m = _e2e(config)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.num_batches_tracked.fill_(1000)
-    torch.save(m.eval().state_dict(), path)
+    torch.save(randomize_batch_norms_(_e2e(config)).eval().state_dict(), path)
 
 
 

@@ -612,7 +612,6 @@ class _Pickle:
         name = _DTYPE_STORAGE.get(a.dtype.name)
         if name is None:
             raise TypeError(f"cannot write a {a.dtype} array as a torch tensor")
-        a = a if a.flags.c_contiguous else a.copy(order="C")   # (ascontiguousarray makes 0-d 1-d)
         key = str(len(self.storages))
         self.storages.append(a)
         self.global_("torch._utils", "_rebuild_tensor_v2")

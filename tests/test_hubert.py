@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 from rvclora_convert.hubert import HubertFileError, load_hubert  # noqa: E402
 from rvclora_jax import families  # noqa: E402
 from rvclora_jax.frontend.hubert import ContentFeatures, bucket_frames, frames  # noqa: E402
+from tests.torch_ref import randomize_norms_  # noqa: E402
 
 TOL = 1e-4
 CONV = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
@@ -47,22 +48,10 @@ def _tiny_config():
         classifier_proj_size=16)
 
 
-def _randomise_norms(model):
-    # HF initialises LayerNorm/GroupNorm to (1, 0); random gains and biases test their mapping.
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
-            elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    model = _randomise_norms(HubertModelWithFinalProj(_tiny_config()).eval())
+    model = randomize_norms_(HubertModelWithFinalProj(_tiny_config()).eval())
     folder = tmp_path_factory.mktemp("hf_tiny")
     model.save_pretrained(str(folder))  # config.json + model.safetensors
     return model, folder
@@ -363,7 +352,7 @@ def test_family_abstract_paths_are_hf_keys(jmodel):
 @pytest.mark.slow
 def test_hubert_base_real_config_parity():
     torch.manual_seed(0)
-    model = _randomise_norms(HubertModelWithFinalProj(transformers.HubertConfig()).eval())
+    model = randomize_norms_(HubertModelWithFinalProj(transformers.HubertConfig()).eval())
     from rvclora_convert.hubert import fold_pos_conv
     from rvclora_convert.state_dict import torch_to_flax
     fam = families.get("hubert")

@@ -46,7 +46,7 @@ from rvclora_jax.frontend import rmvpe as J  # noqa: E402
 from rvclora_jax.frontend.hubert import ContentFeatures  # noqa: E402
 from rvclora_jax.models import synthesizer as S  # noqa: E402
 from tests.speech import speech_file  # noqa: E402
-from tests.torch_ref import load_torch_into, randomize_  # noqa: E402
+from tests.torch_ref import load_torch_into, randomize_, randomize_batch_norms_  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -169,14 +169,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     e2e = R.E2E(TINY_RMVPE["n_blocks"], 1, (2, 2), TINY_RMVPE["en_de_layers"], TINY_RMVPE["inter_layers"], 1,
                 TINY_RMVPE["en_out_channels"])
-    with torch.no_grad():
-        for mod in e2e.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-    e2e.eval()
+    randomize_batch_norms_(e2e).eval()
     long_wav, short_wav = _speech("arctic_a0007.wav"), _speech("arctic_a0009.wav", 1.0)
     # Random weights give every frame about the same peak salience (all voiced, so protect
     # would have nothing to do): shift the output bias so the median frame of the long clip

@@ -31,6 +31,7 @@ from rvclora_jax import families  # noqa: E402
 from rvclora_jax.frontend import rmvpe as J  # noqa: E402
 from rvclora_convert import rmvpe as loader  # noqa: E402
 from rvclora_convert.pth import RVCFileError  # noqa: E402
+from tests.torch_ref import randomize_batch_norms_  # noqa: E402
 
 TINY = dict(n_blocks=2, en_de_layers=3, inter_layers=1, en_out_channels=4)
 HERE = os.path.dirname(__file__)
@@ -59,15 +60,7 @@ def _reference_e2e(seed: int, **cfg) -> "torch.nn.Module":
     torch.manual_seed(seed)
     m = R.E2E(cfg.get("n_blocks", 4), 1, (2, 2), cfg.get("en_de_layers", 5), cfg.get("inter_layers", 4), 1,
               cfg.get("en_out_channels", 16))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.weight.uniform_(0.5, 1.5)
-                mod.bias.uniform_(-0.3, 0.3)
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.num_batches_tracked.fill_(1000)
-    return m.eval()
+    return randomize_batch_norms_(m).eval()
 
 
 def _rvc_rmvpe(path: str, cfg: dict, monkeypatch_ctx) -> "R.RMVPE":

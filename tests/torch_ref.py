@@ -21,6 +21,34 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+def randomize_batch_norms_(module: torch.nn.Module) -> torch.nn.Module:
+    """Random affine parameters and running statistics for every ``BatchNorm2d`` (torch
+    initialises them to the identity), so a port's folding of them is tested. Draws from
+    torch's global RNG, in module order."""
+    with torch.no_grad():
+        for mod in module.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.num_batches_tracked.fill_(1000)
+    return module
+
+
+def randomize_norms_(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """A Hugging Face model's LayerNorm/GroupNorm gains and biases (initialised to (1, 0))
+    and every bias made random, so their key mapping is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
 def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
     # copy: .numpy() shares memory, and a later load_state_dict would change these arrays
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
